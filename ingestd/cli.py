@@ -1,0 +1,285 @@
+"""The ``ingestd`` command.
+
+Exit status: 0 done; 1 a service (broker, database) failed or the daemon stopped on an
+error; 2 bad input from the operator (a setting, an argument, a key file), reported in
+one line that names what was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+import structlog
+
+from ingestd.config import Config, load_config
+from ingestd.errors import IngestdError, KeyFileError, ServiceUnavailable, UsageError
+from ingestd.logs import configure_logging
+from ingestd.signature import (
+    ALGS,
+    generate_private_key,
+    load_public_key,
+    private_key_pem,
+    public_key_pem,
+)
+from ingestd.store import Store
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+log = structlog.get_logger("ingestd.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line and exit with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML configuration file (default: $INGESTD_CONFIG, else built-in defaults)",
+    )
+    parser = _Parser(
+        prog="ingestd",
+        description="Head-end ingestion daemon: signed smart-meter readings from MQTT into TimescaleDB.",
+        parents=[common],
+        epilog="Environment: INGESTD_CONFIG, INGESTD_DATABASE_URL, INGESTD_MQTT_URL, "
+        "INGESTD_METRICS_ADDR, and INGESTD_<SECTION>_<KEY> for any setting.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    commands.add_parser(
+        "migrate", parents=[common], help="create or upgrade the database schema (safe to repeat)"
+    )
+    commands.add_parser("run", parents=[common], help="run the daemon: subscribe, verify, store, acknowledge")
+
+    meter = commands.add_parser("meter", parents=[common], help="register meters and manage their keys")
+    meter_cmds = meter.add_subparsers(
+        dest="meter_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    add = meter_cmds.add_parser(
+        "add", parents=[common], help="register a meter (or add a key to one) with its public key"
+    )
+    add.add_argument("meter_id", metavar="METER_ID")
+    add.add_argument("--alg", required=True, choices=ALGS, help="signature algorithm of the key")
+    add.add_argument("--kid", required=True, help="key id, as meters put it in the JWS header")
+    add.add_argument("--key", required=True, metavar="PUBLIC_KEY.pem", help="public key (PEM)")
+    add.add_argument("--site", help="building or site the meter is installed in")
+    add.add_argument("--interval", type=_positive_int, metavar="SECONDS", help="metering interval")
+    listing = meter_cmds.add_parser("list", parents=[common], help="list meters and their keys")
+    listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    revoke = meter_cmds.add_parser(
+        "revoke-key", parents=[common], help="revoke a key: its messages are rejected from now on"
+    )
+    revoke.add_argument("kid", metavar="KID")
+
+    keygen = commands.add_parser(
+        "keygen", parents=[common], help="make a private key; print its public key (PEM)"
+    )
+    keygen.add_argument("--alg", required=True, choices=ALGS)
+    keygen.add_argument("--out", required=True, metavar="PRIVATE.pem", help="where to write the private key")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    from ingestd.simulator import add_arguments  # noqa: PLC0415 - keeps `ingestd --help` fast
+
+    simulate = commands.add_parser(
+        "simulate", parents=[common], help="run a fleet of virtual meters (demo, tests, benchmarks)"
+    )
+    add_arguments(simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(getattr(args, "config", None))
+        configure_logging(config.log)
+        handler = _HANDLERS[args.command]
+        return handler(config, args)
+    except UsageError as exc:
+        print(f"ingestd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ServiceUnavailable as exc:
+        print(f"ingestd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_async(coro: Callable[[], Awaitable[int]]) -> int:
+    async def wrapped() -> int:
+        return await coro()
+
+    return asyncio.run(wrapped())
+
+
+def _cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with Store(config.database) as store:
+            applied = await store.migrate()
+        if applied:
+            for m in applied:
+                print(f"applied {m.version:04d}_{m.name}")
+        else:
+            print("schema is current")
+        return EXIT_OK
+
+    return _run_async(go)
+
+
+def _cmd_run(config: Config, _args: argparse.Namespace) -> int:
+    from ingestd.daemon import Daemon, install_signal_handlers  # noqa: PLC0415
+
+    async def go() -> int:
+        daemon = Daemon(config)
+        install_signal_handlers(daemon)
+        try:
+            await daemon.run()
+        except* IngestdError as group:
+            # Re-raise the first as itself, so main() reports it as one line.
+            raise group.exceptions[0] from None
+        return EXIT_OK
+
+    return _run_async(go)
+
+
+def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
+    action = args.meter_command
+    if action == "add":
+        pem = _read_file(args.key, "--key")
+        load_public_key(pem, args.alg)  # raises KeyFileError naming what is wrong
+        if not _valid_meter_id(args.meter_id):
+            raise UsageError(f"METER_ID {args.meter_id!r} must match [A-Za-z0-9_-]{{1,64}}")
+
+        async def add() -> int:
+            async with Store(config.database) as store:
+                await store.add_meter(
+                    args.meter_id,
+                    alg=args.alg,
+                    kid=args.kid,
+                    public_key_pem=pem.decode("ascii"),
+                    site=args.site,
+                    interval_s=args.interval,
+                )
+            print(f"meter {args.meter_id}: key {args.kid} ({args.alg}) registered")
+            return EXIT_OK
+
+        return _run_async(add)
+    if action == "list":
+
+        async def listing() -> int:
+            async with Store(config.database) as store:
+                rows = await store.list_meters()
+            meters = [
+                {
+                    "meter_id": r["meter_id"],
+                    "site": r["site"],
+                    "interval_s": r["interval_s"],
+                    "registered_at": r["registered_at"].isoformat(),
+                    "keys": orjson.loads(r["keys"]),
+                }
+                for r in rows
+            ]
+            if args.json:
+                print(orjson.dumps(meters, option=orjson.OPT_INDENT_2).decode())
+            else:
+                _print_meter_table(meters)
+            return EXIT_OK
+
+        return _run_async(listing)
+
+    async def revoke() -> int:
+        async with Store(config.database) as store:
+            revoked = await store.revoke_key(args.kid)
+        if not revoked:
+            raise UsageError(f"no active key {args.kid!r} (unknown, or already revoked)")
+        print(f"key {args.kid} revoked")
+        return EXIT_OK
+
+    return _run_async(revoke)
+
+
+def _cmd_keygen(_config: Config, args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(f"--out {out}: file exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+    key = generate_private_key(args.alg)
+    # Created 0600 from the start: a private key must never be readable by others,
+    # not even for the moment between create and chmod.
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_key_pem(key))
+    sys.stdout.write(public_key_pem(key.public_key()).decode("ascii"))
+    return EXIT_OK
+
+
+def _cmd_simulate(config: Config, args: argparse.Namespace) -> int:
+    from ingestd.simulator import run_from_args  # noqa: PLC0415
+
+    return _run_async(lambda: run_from_args(config, args))
+
+
+_HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "migrate": _cmd_migrate,
+    "run": _cmd_run,
+    "meter": _cmd_meter,
+    "keygen": _cmd_keygen,
+    "simulate": _cmd_simulate,
+}
+
+
+def _read_file(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{option} {path}: no such file") from None
+    except OSError as exc:
+        raise KeyFileError(f"{option} {path}: {exc.strerror}") from None
+
+
+def _valid_meter_id(value: str) -> bool:
+    from ingestd.envelope import METER_ID  # noqa: PLC0415
+
+    return METER_ID.fullmatch(value) is not None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _print_meter_table(meters: list[dict[str, Any]]) -> None:
+    if not meters:
+        print("no meters registered")
+        return
+    rows = [("METER", "SITE", "INTERVAL", "KEYS")]
+    for m in meters:
+        keys = ", ".join(f"{k['kid']} {k['alg']}{' (revoked)' if k['revoked_at'] else ''}" for k in m["keys"])
+        rows.append((m["meter_id"], m["site"] or "-", f"{m['interval_s']}s", keys or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Typed configuration: a TOML file, overridden by ``INGESTD_<SECTION>_<KEY>`` variables.
+
+Everything is validated once, at start-up; the rest of the program receives frozen
+dataclasses and never looks at the environment or the file again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ingestd.errors import ConfigError
+
+ENV_PREFIX = "INGESTD_"
+CONFIG_ENV = "INGESTD_CONFIG"
+_TOPIC_PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    # The password, if any, belongs in password_file (or a credential), not in the URL.
+    url: str = "postgresql://ingestd@127.0.0.1:5432/ingestd"
+    password_file: str = ""
+    pool_size: int = 4
+    connect_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        _require_url("database.url", self.url, ("postgresql", "postgres"))
+        _require_range("database.pool_size", self.pool_size, 2, 64)
+        _require_range("database.connect_timeout_s", self.connect_timeout_s, 0.1, 600)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    # Fixed, so that the broker keeps our persistent session (and its queue) across restarts.
+    client_id: str = "ingestd"
+    topic_prefix: str = "meters"
+    # When set, several ingestd instances share one subscription ($share/GROUP/...).
+    shared_group: str = ""
+    # How long the broker keeps our session and queues uplinks while we are away.
+    session_expiry_s: int = 7 * 24 * 3600
+    keepalive_s: int = 30
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def validate(self) -> None:
+        _require_url("mqtt.url", self.url, ("mqtt", "mqtts"))
+        if not _CLIENT_ID.fullmatch(self.client_id):
+            raise ConfigError("mqtt.client_id", "must be 1-64 of A-Z a-z 0-9 _ . -")
+        if not _TOPIC_PREFIX.fullmatch(self.topic_prefix):
+            raise ConfigError("mqtt.topic_prefix", "must be topic levels of A-Z a-z 0-9 _ -")
+        if self.shared_group and not _CLIENT_ID.fullmatch(self.shared_group):
+            raise ConfigError("mqtt.shared_group", "must be 1-64 of A-Z a-z 0-9 _ . -")
+        _require_range("mqtt.session_expiry_s", self.session_expiry_s, 0, 2**32 - 1)
+        _require_range("mqtt.keepalive_s", self.keepalive_s, 5, 3600)
+        _require_range("mqtt.reconnect_initial_s", self.reconnect_initial_s, 0.01, 60)
+        _require_range("mqtt.reconnect_max_s", self.reconnect_max_s, self.reconnect_initial_s, 3600)
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("mqtt.cert_file", "cert_file and key_file go together")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def uplink_filter(self) -> str:
+        topic = f"{self.topic_prefix}/+/up"
+        return f"$share/{self.shared_group}/{topic}" if self.shared_group else topic
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    # A batch is written when it holds batch_max messages or its oldest waited batch_wait_ms.
+    batch_max: int = 1000
+    batch_wait_ms: int = 50
+    # Unacknowledged messages held in memory; past this, we stop reading the broker socket
+    # and the broker keeps the rest (it never loses a QoS 1 message it has not delivered).
+    max_pending: int = 20000
+    verify_threads: int = 2
+    max_clock_skew_s: int = 300
+    quarantine_payload_max: int = 4096
+    # Keys are cached; unknown kids are looked up at once, the whole set every refresh.
+    key_refresh_s: float = 60.0
+    # Back-off while the database is unreachable.
+    db_retry_initial_s: float = 0.5
+    db_retry_max_s: float = 30.0
+    shutdown_timeout_s: float = 15.0
+
+    def validate(self) -> None:
+        _require_range("ingest.batch_max", self.batch_max, 1, 10000)
+        _require_range("ingest.batch_wait_ms", self.batch_wait_ms, 1, 10000)
+        _require_range("ingest.max_pending", self.max_pending, self.batch_max, 10_000_000)
+        _require_range("ingest.verify_threads", self.verify_threads, 1, 64)
+        _require_range("ingest.max_clock_skew_s", self.max_clock_skew_s, 0, 86400)
+        _require_range("ingest.quarantine_payload_max", self.quarantine_payload_max, 0, 65536)
+        _require_range("ingest.key_refresh_s", self.key_refresh_s, 0.1, 86400)
+        _require_range("ingest.db_retry_initial_s", self.db_retry_initial_s, 0.01, 60)
+        _require_range("ingest.db_retry_max_s", self.db_retry_max_s, self.db_retry_initial_s, 3600)
+        _require_range("ingest.shutdown_timeout_s", self.shutdown_timeout_s, 0.1, 3600)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # host:port of the Prometheus endpoint; empty disables it.
+    addr: str = "127.0.0.1:9108"
+
+    def validate(self) -> None:
+        if self.addr:
+            parse_host_port("metrics.addr", self.addr)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    # auto: readable lines on a terminal, JSON lines otherwise (journald, files).
+    format: str = "auto"
+    level: str = "info"
+
+    def validate(self) -> None:
+        if self.format not in {"auto", "json", "console"}:
+            raise ConfigError("log.format", "must be one of auto, json, console")
+        if self.level not in {"debug", "info", "warning", "error"}:
+            raise ConfigError("log.level", "must be one of debug, info, warning, error")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+
+
+def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None) -> Config:
+    """Read the file (``path``, else ``$INGESTD_CONFIG``, else defaults), apply the
+    environment, validate; raise ConfigError naming the offending key."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    source = path if path is not None else env.get(CONFIG_ENV)
+    if source:
+        try:
+            raw = tomllib.loads(Path(source).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {source}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", f"cannot read {source}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{source} is not valid TOML: {exc}") from None
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(name, "unknown section")
+        if not isinstance(value, dict):
+            raise ConfigError(name, "must be a table")
+    built: dict[str, Any] = {}
+    for name, section in sections.items():
+        cls = _section_class(section)
+        values = dict(raw.get(name, {}))
+        values.update(_env_overrides(name, cls, env))
+        built[name] = _build_section(name, cls, values)
+    config = Config(**built)
+    config.validate()
+    return config
+
+
+def parse_host_port(key: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    # Port 0 asks the kernel for a free port (tests, several instances on one host).
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(key, f"expected host:port, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
+
+
+def read_secret(key: str, path: str) -> str:
+    """A secret from a file (systemd credentials, Kubernetes secrets), trailing newline cut."""
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _section_class(section: dataclasses.Field[Any]) -> type[Any]:
+    factory = section.default_factory
+    assert callable(factory)
+    return type(factory())
+
+
+def _env_overrides(section: str, cls: type[Any], env: typing.Mapping[str, str]) -> dict[str, str]:
+    prefix = f"{ENV_PREFIX}{section.upper()}_"
+    known = {f.name for f in dataclasses.fields(cls)}
+    found: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(prefix):
+            continue
+        key = name[len(prefix) :].lower()
+        if key not in known:
+            raise ConfigError(name, f"unknown setting (section [{section}] has no key {key!r})")
+        found[key] = value
+    return found
+
+
+def _build_section(section: str, cls: type[Any], values: dict[str, Any]) -> Any:  # noqa: ANN401
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{section}.{key}", "unknown key")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:  # noqa: ANN401
+    if isinstance(hint, types.UnionType):
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    from_env = isinstance(value, str)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and value.lower() in {"true", "1", "yes", "on", "false", "0", "no", "off"}:
+            return value.lower() in {"true", "1", "yes", "on"}
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if from_env:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    raise ConfigError(key, f"unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _require_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(key, f"must be between {low:g} and {high:g}, got {value:g}")
+
+
+def _require_url(key: str, value: str, schemes: tuple[str, ...]) -> None:
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(key, f"malformed URL: {exc}") from None
+    # PostgreSQL URLs may name a Unix socket in their query instead of a host.
+    needs_host = schemes[0] != "postgresql"
+    if parts.scheme not in schemes or (needs_host and not parts.hostname):
+        raise ConfigError(key, f"expected {schemes[0]}://host:port/..., got {value!r}")
+    del port

@@ -1,0 +1,344 @@
+"""Wire protocol v1: from the bytes of one MQTT message to a verified, validated reading set.
+
+Order matters for security: nothing inside the body is believed before the signature over
+it has been checked against a registered, valid key of the meter named in the topic.
+Pure and thread-safe: the pipeline runs it in worker threads, since ``cryptography``
+releases the GIL while it verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
+
+import orjson
+
+from ingestd.errors import Rejected
+from ingestd.signature import Alg, PublicKey, b64url_decode, is_alg, verify
+
+PROTOCOL_VERSION: Final = 1
+MAX_PAYLOAD: Final = 64 * 1024
+MAX_READINGS: Final = 1000
+MAX_EVENTS: Final = 100
+MAX_INT64: Final = 2**63 - 1
+METER_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+KID: Final = re.compile(r"[\x21-\x7e]{1,128}")
+EVENT_CODE: Final = re.compile(r"[0-9]{3}")
+# RFC 3339 date-time, strictly: datetime.fromisoformat alone accepts dates without a time,
+# week dates and naive times, none of which may reach the database as a reading's time.
+_RFC3339: Final = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_HEADER_KEYS: Final = frozenset({"alg", "kid"})
+_ENVELOPE_KEYS: Final = frozenset({"protected", "payload", "signature"})
+_READING_KEYS: Final = frozenset({"t", "import_wh", "export_wh"})
+
+
+@dataclass(frozen=True, slots=True)
+class MeterKey:
+    """A registered public key, as the verifier needs it."""
+
+    kid: str
+    meter_id: str
+    alg: Alg
+    key: PublicKey
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def usable_at(self, when: datetime) -> str | None:
+        """None when the key may sign at ``when``; otherwise why not."""
+        if self.revoked_at is not None and self.revoked_at <= when:
+            return "key revoked"
+        if self.valid_from is not None and when < self.valid_from:
+            return "key not yet valid"
+        if self.valid_until is not None and when >= self.valid_until:
+            return "key expired"
+        return None
+
+
+class KeyLookup(Protocol):
+    def get(self, kid: str, /) -> MeterKey | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    time: datetime
+    import_wh: int
+    export_wh: int | None
+    extra: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    time: datetime
+    code: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message that passed every check: signed by a valid key of the meter it names."""
+
+    meter_id: str
+    epoch: int
+    seq: int
+    sent: datetime
+    replay: bool
+    kid: str
+    readings: tuple[Reading, ...]
+    events: tuple[Event, ...]
+    # Identifies the content (readings and events), not the bytes: a replay re-signs the
+    # same data with a new `sent`, and must be recognised as the same message.
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The part of an envelope readable before any key is consulted."""
+
+    alg: Alg
+    kid: str
+    signing_input: bytes
+    signature: bytes
+    body: bytes
+
+
+def topic_meter(topic: str, prefix: str) -> str | None:
+    """The meter id of an uplink topic ``{prefix}/{meter_id}/up``, or None."""
+    head = prefix + "/"
+    if not topic.startswith(head) or not topic.endswith("/up"):
+        return None
+    meter = topic[len(head) : -3]
+    return meter if METER_ID.fullmatch(meter) else None
+
+
+def parse_envelope(payload: bytes) -> Header:
+    """Decode the flattened JWS; raise Rejected (too_large, bad_json, bad_envelope)."""
+    if len(payload) > MAX_PAYLOAD:
+        raise Rejected("too_large", f"{len(payload)} bytes, limit {MAX_PAYLOAD}")
+    try:
+        envelope = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise Rejected("bad_json", _json_error(exc)) from None
+    if not isinstance(envelope, dict):
+        raise Rejected("bad_envelope", "not a JSON object")
+    if envelope.keys() != _ENVELOPE_KEYS:
+        raise Rejected("bad_envelope", "members must be exactly protected, payload, signature")
+    protected, body64, sig64 = envelope["protected"], envelope["payload"], envelope["signature"]
+    if not (isinstance(protected, str) and isinstance(body64, str) and isinstance(sig64, str)):
+        raise Rejected("bad_envelope", "protected, payload and signature must be strings")
+    try:
+        header_raw = b64url_decode(protected)
+        body = b64url_decode(body64)
+        signature = b64url_decode(sig64)
+    except ValueError as exc:
+        raise Rejected("bad_envelope", f"bad base64url: {exc}") from None
+    try:
+        header = orjson.loads(header_raw)
+    except orjson.JSONDecodeError:
+        raise Rejected("bad_envelope", "protected header is not JSON") from None
+    if not isinstance(header, dict):
+        raise Rejected("bad_envelope", "protected header is not a JSON object")
+    if "crit" in header:
+        raise Rejected("bad_envelope", "crit header parameters are not supported")
+    if not header.keys() >= _HEADER_KEYS:
+        raise Rejected("bad_envelope", "protected header needs alg and kid")
+    alg, kid = header["alg"], header["kid"]
+    if not is_alg(alg):
+        raise Rejected("bad_envelope", f"unsupported alg {_short(alg)}")
+    if not isinstance(kid, str) or not KID.fullmatch(kid):
+        raise Rejected("bad_envelope", "kid must be 1-128 printable ASCII characters")
+    signing_input = f"{protected}.{body64}".encode("ascii")
+    return Header(alg, kid, signing_input, signature, body)
+
+
+def check_message(
+    topic: str,
+    payload: bytes,
+    received_at: datetime,
+    keys: KeyLookup,
+    *,
+    topic_prefix: str,
+    max_clock_skew: timedelta,
+) -> Message:
+    """Every check of wire protocol v1 but the duplicate check (which needs the database).
+
+    Raises Rejected with the first reason that applies.
+    """
+    header = parse_envelope(payload)
+    try:
+        return _check_signed(header, topic, received_at, keys, topic_prefix, max_clock_skew)
+    except Rejected as exc:
+        exc.kid = header.kid
+        raise
+
+
+def _check_signed(
+    header: Header,
+    topic: str,
+    received_at: datetime,
+    keys: KeyLookup,
+    topic_prefix: str,
+    max_clock_skew: timedelta,
+) -> Message:
+    key = keys.get(header.kid)
+    if key is None:
+        raise Rejected("unknown_key", f"no key {header.kid!r}")
+    unusable = key.usable_at(received_at)
+    if unusable is not None:
+        raise Rejected("revoked_key", f"{unusable}: {header.kid!r}")
+    if header.alg != key.alg:
+        raise Rejected("alg_mismatch", f"header alg {header.alg}, key registered for {key.alg}")
+    if not verify(key.alg, key.key, header.signature, header.signing_input):
+        raise Rejected("bad_signature", f"signature does not verify with key {header.kid!r}")
+    body = parse_body(header.body)
+    if body.meter_id != key.meter_id:
+        raise Rejected("topic_mismatch", f"body names {body.meter_id}, key belongs to {key.meter_id}")
+    meter = topic_meter(topic, topic_prefix)
+    if meter != body.meter_id:
+        raise Rejected("topic_mismatch", f"body names {body.meter_id}, topic is {_short(topic)}")
+    if body.sent - received_at > max_clock_skew:
+        raise Rejected("clock_skew", f"sent {body.sent.isoformat()} is in the future")
+    return Message(
+        meter_id=body.meter_id,
+        epoch=body.epoch,
+        seq=body.seq,
+        sent=body.sent,
+        replay=body.replay,
+        kid=header.kid,
+        readings=body.readings,
+        events=body.events,
+        digest=body.digest,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    meter_id: str
+    epoch: int
+    seq: int
+    sent: datetime
+    replay: bool
+    readings: tuple[Reading, ...]
+    events: tuple[Event, ...]
+    digest: bytes
+
+
+def parse_body(raw: bytes) -> Body:
+    """Validate the signed body; raise Rejected("bad_body") naming the first bad field.
+
+    Unknown top-level members are ignored (forward compatibility; the raw message keeps
+    them); unknown members of a reading are kept in its ``extra``.
+    """
+    if b"\\u0000" in raw:
+        # PostgreSQL's text and jsonb cannot hold NUL: refuse it here, not in a failed batch.
+        raise Rejected("bad_body", "NUL characters (\\u0000) are not allowed")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Rejected("bad_body", f"body is not JSON: {_json_error(exc)}") from None
+    if not isinstance(body, dict):
+        raise Rejected("bad_body", "body is not a JSON object")
+    if body.get("v") != PROTOCOL_VERSION or type(body.get("v")) is not int:
+        raise Rejected("bad_body", f"v must be {PROTOCOL_VERSION}")
+    meter = body.get("meter")
+    if not isinstance(meter, str) or not METER_ID.fullmatch(meter):
+        raise Rejected("bad_body", "meter must match [A-Za-z0-9_-]{1,64}")
+    epoch = _int_field(body, "epoch", 0)
+    seq = _int_field(body, "seq", 1)
+    sent = _time_field(body.get("sent"), "sent")
+    replay = body.get("replay", False)
+    if type(replay) is not bool:
+        raise Rejected("bad_body", "replay must be true or false")
+    raw_readings = body.get("readings", [])
+    if not isinstance(raw_readings, list):
+        raise Rejected("bad_body", "readings must be a list")
+    if len(raw_readings) > MAX_READINGS:
+        raise Rejected("bad_body", f"{len(raw_readings)} readings, limit {MAX_READINGS}")
+    raw_events = body.get("events", [])
+    if not isinstance(raw_events, list):
+        raise Rejected("bad_body", "events must be a list")
+    if len(raw_events) > MAX_EVENTS:
+        raise Rejected("bad_body", f"{len(raw_events)} events, limit {MAX_EVENTS}")
+    readings = tuple(_reading(i, r) for i, r in enumerate(raw_readings))
+    events = tuple(_event(i, e) for i, e in enumerate(raw_events))
+    digest = hashlib.sha256(orjson.dumps([raw_readings, raw_events], option=orjson.OPT_SORT_KEYS)).digest()
+    return Body(meter, epoch, seq, sent, replay, readings, events, digest)
+
+
+def parse_time(value: str) -> datetime:
+    """An RFC 3339 date-time as an aware UTC datetime; ValueError otherwise."""
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValueError("not an RFC 3339 date-time")
+    date, clock, fraction, offset = match.groups()
+    # Python keeps microseconds: finer fractions are truncated, not rejected.
+    fraction = (fraction or "")[:7]
+    offset = "+00:00" if offset in {"Z", "z"} else offset
+    return datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}").astimezone(UTC)
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 in UTC with a Z, as meters and the head-end write it."""
+    text = value.astimezone(UTC).isoformat(timespec="seconds" if not value.microsecond else "milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _reading(index: int, raw: object) -> Reading:
+    if not isinstance(raw, dict):
+        raise Rejected("bad_body", f"readings[{index}] is not an object")
+    time = _time_field(raw.get("t"), f"readings[{index}].t")
+    import_wh = _register(raw, "import_wh", index, required=True)
+    export_wh = _register(raw, "export_wh", index, required=False)
+    extra = {k: v for k, v in raw.items() if k not in _READING_KEYS} or None
+    assert import_wh is not None
+    return Reading(time, import_wh, export_wh, extra)
+
+
+def _event(index: int, raw: object) -> Event:
+    if not isinstance(raw, dict):
+        raise Rejected("bad_body", f"events[{index}] is not an object")
+    time = _time_field(raw.get("t"), f"events[{index}].t")
+    code = raw.get("code")
+    if not isinstance(code, str) or not EVENT_CODE.fullmatch(code):
+        raise Rejected("bad_body", f"events[{index}].code must be a 3-digit string")
+    detail = raw.get("detail", {})
+    if not isinstance(detail, dict):
+        raise Rejected("bad_body", f"events[{index}].detail must be an object")
+    return Event(time, code, detail)
+
+
+def _register(raw: dict[str, Any], name: str, index: int, *, required: bool) -> int | None:
+    value = raw.get(name)
+    if value is None and not required and name not in raw:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_INT64:
+        raise Rejected("bad_body", f"readings[{index}].{name} must be an integer >= 0")
+    return value
+
+
+def _int_field(body: dict[str, Any], name: str, low: int) -> int:
+    value = body.get(name)
+    if type(value) is not int or not low <= value <= MAX_INT64:
+        raise Rejected("bad_body", f"{name} must be an integer from {low} to 2^63-1")
+    return value
+
+
+def _time_field(value: object, name: str) -> datetime:
+    if not isinstance(value, str):
+        raise Rejected("bad_body", f"{name} must be an RFC 3339 date-time string")
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise Rejected("bad_body", f"{name} is not an RFC 3339 date-time: {_short(value)}") from None
+
+
+def _json_error(exc: orjson.JSONDecodeError) -> str:
+    return str(exc).split(":", 1)[0][:120]
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

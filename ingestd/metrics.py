@@ -1,0 +1,114 @@
+"""Prometheus metrics. One registry per daemon (no global state), served over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from typing import Self
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ingestd.config import parse_host_port
+from ingestd.errors import REJECT_REASONS
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+_WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class Metrics:
+    """Every metric ingestd exports; names are a contract with operators' dashboards."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "ingestd_messages_received", "Uplink messages taken from the broker.", registry=r
+        )
+        self.accepted = Counter(
+            "ingestd_messages_accepted",
+            "Messages verified and stored for the first time.",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "ingestd_messages_rejected",
+            "Messages rejected and quarantined, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "ingestd_messages_duplicate",
+            "Messages already stored with the same content (redeliveries, replays).",
+            registry=r,
+        )
+        self.readings_stored = Counter(
+            "ingestd_readings_stored", "Reading rows inserted (not counting repeats).", registry=r
+        )
+        self.events = Counter("ingestd_events", "Event rows inserted, by event code.", ["code"], registry=r)
+        self.mqtt_connected = Gauge(
+            "ingestd_mqtt_connected", "1 while connected and subscribed to the broker.", registry=r
+        )
+        self.db_up = Gauge("ingestd_db_up", "1 while the last database write succeeded.", registry=r)
+        self.pending = Gauge(
+            "ingestd_pending_messages",
+            "Messages received and not yet acknowledged (held in memory).",
+            registry=r,
+        )
+        self.intake_paused = Gauge(
+            "ingestd_intake_paused",
+            "1 while reading from the broker is paused because too much is pending.",
+            registry=r,
+        )
+        self.db_write_seconds = Histogram(
+            "ingestd_db_write_seconds",
+            "Time to write and commit one batch.",
+            buckets=_WRITE_BUCKETS,
+            registry=r,
+        )
+        self.db_write_errors = Counter(
+            "ingestd_db_write_errors", "Batch writes that failed and were retried.", registry=r
+        )
+        self.batch_size = Histogram(
+            "ingestd_batch_size", "Messages per database batch.", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.commit_delay = Histogram(
+            "ingestd_sent_to_commit_seconds",
+            "Delay from a message's `sent` time to the commit that stored it.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.keys_loaded = Gauge(
+            "ingestd_keys_loaded", "Meter keys held in the verifier's cache.", registry=r
+        )
+        for reason in REJECT_REASONS:
+            # Present from the start at 0, so that rate() and alerts work before the first one.
+            self.rejected.labels(reason=reason)
+
+
+class MetricsServer:
+    """The HTTP endpoint, as an async context manager (prometheus_client serves from a thread)."""
+
+    def __init__(self, metrics: Metrics, addr: str) -> None:
+        self._metrics = metrics
+        self._addr = addr
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int | None:
+        return self._server.server_port if self._server is not None else None
+
+    async def __aenter__(self) -> Self:
+        if self._addr:
+            host, port = parse_host_port("metrics.addr", self._addr)
+            self._server, self._thread = start_http_server(port, addr=host, registry=self._metrics.registry)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,246 @@
+"""The broker link: aiomqtt for the connection, paho underneath for manual acknowledgement.
+
+aiomqtt 2.5 has no public manual-ack API (its issue #345). This module is the one place
+that reaches beneath it, so that a PUBACK leaves only after our database commit:
+
+- ``manual_ack_set(True)`` on the paho client, before any message arrives;
+- paho's ``on_message`` goes straight to our sink, skipping aiomqtt's queue and message
+  wrapper (measurably cheaper per message, and we need the packet id to ack);
+- the socket's read callback can be paused, so that when too much is pending the broker,
+  not our memory, holds the backlog (its QoS 1 queue for our persistent session).
+
+Packet ids are only meaningful on the connection that delivered them: every delivery
+carries its connection's number, and an ack for an earlier connection is dropped. The
+broker redelivers what was not acknowledged on the next connection, and the ledger in
+the database recognises it as a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ingestd.config import MqttConfig, read_secret
+
+log = structlog.get_logger("ingestd.mqtt")
+
+# The largest Receive Maximum MQTT v5 allows: the broker may have this many QoS 1 messages
+# unacknowledged with us, which batching with ack-after-commit needs (a batch is 1000).
+RECEIVE_MAXIMUM: Final = 65535
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message as the broker handed it to us."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: datetime
+    connection: int
+
+
+class MqttLink:
+    """A persistent-session subscription that reconnects, with acknowledgement left to us.
+
+    ``run()`` connects, subscribes and keeps the connection up until cancelled, calling
+    ``sink(delivery)`` on the event loop for every uplink message.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        sink: Callable[[Delivery], None],
+        *,
+        on_state: Callable[[bool], None] | None = None,
+        will: aiomqtt.Will | None = None,
+    ) -> None:
+        self._config = config
+        self._sink = sink
+        self._on_state = on_state or (lambda _up: None)
+        self._will = will
+        self._client: aiomqtt.Client | None = None
+        self._connection = 0
+        self._paused = False
+        self._subscribed = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._subscribed.is_set()
+
+    async def wait_subscribed(self) -> None:
+        await self._subscribed.wait()
+
+    async def run(self) -> None:
+        delay = self._config.reconnect_initial_s
+        while True:
+            try:
+                await self._session()
+                delay = self._config.reconnect_initial_s
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt_disconnected", error=str(exc), retry_in_s=round(delay, 2))
+            self._subscribed.clear()
+            self._on_state(False)  # noqa: FBT003 - the callback's one argument
+            # Full jitter: a fleet of head-ends (or a restarted broker) must not reconnect in step.
+            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - not cryptographic
+            delay = min(delay * 2, self._config.reconnect_max_s)
+
+    async def _session(self) -> None:
+        client = self._make_client()
+        async with client:
+            self._connection += 1
+            self._client = client
+            try:
+                await client.subscribe(self._config.uplink_filter, qos=1)
+                if self._paused:
+                    self._set_reading(paused=True)
+                self._subscribed.set()
+                self._on_state(True)  # noqa: FBT003 - the callback's one argument
+                log.info("mqtt_subscribed", topic=self._config.uplink_filter, url=self._config.url)
+                await _disconnected(client)
+            finally:
+                self._client = None
+                self._subscribed.clear()
+
+    def ack(self, delivery: Delivery) -> bool:
+        """Acknowledge (PUBACK) a delivery; False when its connection is gone."""
+        client = self._client
+        if client is None or delivery.connection != self._connection or delivery.qos == 0:
+            return False
+        _paho(client).ack(delivery.mid, delivery.qos)
+        return True
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        client = self._client
+        if client is None:
+            raise aiomqtt.MqttError("not connected")
+        await client.publish(topic, payload, qos=qos, retain=retain)
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket: TCP back-pressure makes the broker hold the backlog."""
+        if not self._paused:
+            self._paused = True
+            self._set_reading(paused=True)
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._set_reading(paused=False)
+
+    async def disconnect(self) -> None:
+        """Close the connection cleanly (the session and its queue stay at the broker)."""
+        client = self._client
+        if client is not None:
+            _paho(client).disconnect()
+
+    def _make_client(self) -> aiomqtt.Client:
+        cfg = self._config
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = cfg.session_expiry_s
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        password = read_secret("mqtt.password_file", cfg.password_file) if cfg.password_file else None
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            identifier=cfg.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            # Never a clean start: the broker keeps our subscription and queues uplinks while
+            # we are away (MQTT_CLEAN_START_FIRST_ONLY, aiomqtt's default, would throw them away).
+            clean_start=False,
+            properties=props,
+            keepalive=cfg.keepalive_s,
+            username=cfg.username or None,
+            password=password,
+            will=self._will,
+            tls_context=_tls_context(cfg) if cfg.tls else None,
+            timeout=10,
+        )
+        inner = _paho(client)
+        inner.manual_ack_set(on=True)
+        connection = self._connection + 1
+        sink = self._sink
+
+        def on_message(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:  # noqa: ANN401
+            sink(
+                Delivery(
+                    topic=message.topic,
+                    payload=bytes(message.payload),
+                    mid=message.mid,
+                    qos=message.qos,
+                    received_at=datetime.now(UTC),
+                    connection=connection,
+                )
+            )
+
+        inner.on_message = on_message
+        return client
+
+    def _set_reading(self, *, paused: bool) -> None:
+        client = self._client
+        if client is None:
+            return
+        inner = _paho(client)
+        sock = inner.socket()
+        if sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        loop.remove_reader(fd)
+        if not paused:
+            loop.add_reader(fd, _read_callback(client))
+
+
+def _paho(client: aiomqtt.Client) -> paho.Client:
+    return client._client  # noqa: SLF001 - the documented purpose of this module
+
+
+def _read_callback(client: aiomqtt.Client) -> Callable[[], None]:
+    """What aiomqtt registers as the socket's reader, for re-registering after a pause."""
+    inner = _paho(client)
+
+    def callback() -> None:
+        try:
+            while True:
+                inner.loop_read()
+                # An SSL socket may hold decrypted bytes that select() does not report.
+                sock = inner.socket()
+                pending = getattr(sock, "pending", None)
+                if pending is None or pending() <= 0:
+                    break
+        except Exception as exc:  # noqa: BLE001 - any failure here means the connection broke
+            disconnected: asyncio.Future[None] = client._disconnected  # noqa: SLF001
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+    return callback
+
+
+async def _disconnected(client: aiomqtt.Client) -> None:
+    """Wait until the connection ends; raise MqttError if it broke."""
+    fut: asyncio.Future[None] = client._disconnected  # noqa: SLF001 - no public equivalent
+    try:
+        await asyncio.shield(fut)
+    except aiomqtt.MqttError:
+        raise
+    except Exception as exc:  # a socket error that paho surfaced
+        raise aiomqtt.MqttError(str(exc) or type(exc).__name__) from exc
+
+
+def _tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=cfg.ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.cert_file:
+        context.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return context

@@ -1,0 +1,329 @@
+"""From deliveries to committed rows to acknowledgements.
+
+    broker --sink()--> pending --[verify: worker threads]--> verified --[write: one txn]--> ack
+
+Two stages, so that the next batch is verified while the last one is being written.
+A delivery is acknowledged only after the transaction that stored it (or its rejection)
+has committed; until then it counts against ``max_pending``, and past that the broker
+socket is not read at all, so memory stays bounded however far the database falls behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Protocol, Self
+
+import asyncpg
+import structlog
+
+from ingestd.config import IngestConfig
+from ingestd.envelope import KeyLookup, check_message, topic_meter
+from ingestd.errors import Rejected
+from ingestd.keyring import Keyring
+from ingestd.metrics import Metrics
+from ingestd.mqtt import Delivery
+from ingestd.store import CONNECTION_ERRORS, Accept, BatchResult, Reject, Store
+
+log = structlog.get_logger("ingestd.pipeline")
+
+
+class Upstream(Protocol):
+    """What the pipeline needs of the broker link."""
+
+    def ack(self, delivery: Delivery) -> bool: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Batch:
+    deliveries: list[Delivery]
+    accepts: list[Accept]
+    rejects: list[Reject]
+    # Repeats of a (meter, epoch, seq) already in this batch with the same content.
+    repeats: int
+
+
+class Pipeline:
+    """Verifies, stores and acknowledges; an async context manager owning its threads."""
+
+    def __init__(
+        self,
+        config: IngestConfig,
+        *,
+        topic_prefix: str,
+        store: Store,
+        keyring: Keyring,
+        metrics: Metrics,
+        upstream: Upstream,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._config = config
+        self._prefix = topic_prefix
+        self._store = store
+        self._keyring = keyring
+        self._metrics = metrics
+        self._upstream = upstream
+        self._now = now
+        self._skew = timedelta(seconds=config.max_clock_skew_s)
+        self._pending: collections.deque[Delivery] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._verified: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
+        self._in_hand = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._paused = False
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def __aenter__(self) -> Self:
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._config.verify_threads, thread_name_prefix="ingestd-verify"
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._executor is not None:
+            # Verification jobs are short; waiting for them keeps shutdown orderly.
+            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+            self._executor = None
+
+    @property
+    def in_hand(self) -> int:
+        """Deliveries received and not yet finished (committed and acknowledged)."""
+        return self._in_hand
+
+    # -- intake (called by the broker link, on the event loop) -------------------------
+
+    def submit(self, delivery: Delivery) -> None:
+        self._pending.append(delivery)
+        self._in_hand += 1
+        self._idle.clear()
+        self._metrics.received.inc()
+        self._arrived.set()
+        if len(self._pending) >= self._config.batch_max:
+            self._full.set()
+        if self._in_hand >= self._config.max_pending and not self._paused:
+            self._paused = True
+            self._upstream.pause_reading()
+            self._metrics.intake_paused.set(1)
+            log.warning("intake_paused", pending=self._in_hand)
+
+    async def drain(self, within_s: float) -> bool:
+        """Wait until everything in hand is committed and acknowledged; False on timeout."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # -- stage 1: batch and verify ---------------------------------------------------
+
+    async def run_verifier(self) -> None:
+        while True:
+            deliveries = await self._next_batch()
+            batch = await self._verify(deliveries)
+            await self._verified.put(batch)
+
+    async def _next_batch(self) -> list[Delivery]:
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if len(self._pending) < self._config.batch_max:
+            # Give the batch up to batch_wait_ms to fill: one commit for many messages.
+            try:
+                async with asyncio.timeout(self._config.batch_wait_ms / 1000):
+                    await self._full.wait()
+            except TimeoutError:
+                pass
+        self._full.clear()
+        count = min(len(self._pending), self._config.batch_max)
+        return [self._pending.popleft() for _ in range(count)]
+
+    async def _verify(self, deliveries: list[Delivery]) -> Batch:
+        results = await self._check_all(deliveries)
+        unknown = {r.kid for r in results if isinstance(r, Reject) and r.reason == "unknown_key" and r.kid}
+        if unknown:
+            try:
+                found = await self._keyring.fetch(unknown)
+            except CONNECTION_ERRORS:
+                found = False
+            if found:
+                # Keys registered since the cache was filled: check those messages again.
+                again = [i for i, r in enumerate(results) if isinstance(r, Reject) and r.kid in unknown]
+                for i, result in zip(
+                    again, await self._check_all([deliveries[i] for i in again]), strict=True
+                ):
+                    results[i] = result
+        return _assemble(deliveries, results)
+
+    async def _check_all(self, deliveries: Sequence[Delivery]) -> list[Accept | Reject]:
+        loop = asyncio.get_running_loop()
+        threads = self._config.verify_threads
+        size = max(1, -(-len(deliveries) // threads))
+        chunks = [deliveries[i : i + size] for i in range(0, len(deliveries), size)]
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._executor, _check_chunk, chunk, self._keyring, self._prefix, self._skew, self._now()
+                )
+                for chunk in chunks
+            )
+        )
+        return [result for part in parts for result in part]
+
+    # -- stage 2: write, then acknowledge --------------------------------------------
+
+    async def run_writer(self) -> None:
+        while True:
+            batch = await self._verified.get()
+            result = await self._store_with_retry(batch)
+            self._finish(batch, result)
+
+    async def _store_with_retry(self, batch: Batch) -> BatchResult:
+        delay = self._config.db_retry_initial_s
+        while True:
+            try:
+                with self._metrics.db_write_seconds.time():
+                    result = await self._write(batch)
+            except CONNECTION_ERRORS as exc:
+                self._metrics.db_write_errors.inc()
+                self._metrics.db_up.set(0)
+                log.warning("db_write_failed", error=str(exc) or type(exc).__name__, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._config.db_retry_max_s)
+            else:
+                self._metrics.db_up.set(1)
+                return result
+
+    async def _write(self, batch: Batch) -> BatchResult:
+        try:
+            return await self._store.write_batch(batch.accepts, batch.rejects)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, CONNECTION_ERRORS):
+                raise
+            # The server refused the data itself. Find the message that it refuses, one at
+            # a time, and quarantine it, rather than retrying the whole batch for ever.
+            # The cause is in `error`; a traceback would say nothing more.
+            log.error("batch_refused", error=str(exc), size=len(batch.deliveries))  # noqa: TRY400
+            return await self._write_one_by_one(batch)
+
+    async def _write_one_by_one(self, batch: Batch) -> BatchResult:
+        total = BatchResult([], 0, [], 0, collections.Counter())
+        for reject in batch.rejects:
+            total = total.plus(await self._store.write_batch([], [reject]))
+        for accept in batch.accepts:
+            try:
+                part = await self._store.write_batch([accept], [])
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, CONNECTION_ERRORS):
+                    raise
+                m = accept.message
+                reject = Reject(
+                    "bad_body",
+                    f"database refused it: {str(exc).splitlines()[0]}",
+                    accept.topic,
+                    accept.payload,
+                    accept.received_at,
+                    m.meter_id,
+                    m.kid,
+                )
+                await self._store.write_batch([], [reject])
+                part = BatchResult([], 0, [reject], 0, collections.Counter())
+            total = total.plus(part)
+        return total
+
+    def _finish(self, batch: Batch, result: BatchResult) -> None:
+        for delivery in batch.deliveries:
+            self._upstream.ack(delivery)
+        m = self._metrics
+        committed = self._now()
+        m.batch_size.observe(len(batch.deliveries))
+        m.accepted.inc(len(result.accepted))
+        m.duplicates.inc(result.duplicates + batch.repeats)
+        m.readings_stored.inc(result.readings_stored)
+        for code, count in result.events_stored.items():
+            m.events.labels(code=code).inc(count)
+        for accept in result.accepted:
+            m.commit_delay.observe(max(0.0, (committed - accept.message.sent).total_seconds()))
+        for reject in [*batch.rejects, *result.late_rejects]:
+            m.rejected.labels(reason=reject.reason).inc()
+            log.info(
+                "message_rejected",
+                reason=reject.reason,
+                meter=reject.meter_id,
+                topic=reject.topic,
+                detail=reject.detail,
+            )
+        self._in_hand -= len(batch.deliveries)
+        if self._in_hand == 0:
+            self._idle.set()
+        if self._paused and self._in_hand <= self._config.max_pending // 2:
+            self._paused = False
+            self._upstream.resume_reading()
+            m.intake_paused.set(0)
+            log.info("intake_resumed", pending=self._in_hand)
+        m.pending.set(self._in_hand)
+
+
+def _check_chunk(
+    deliveries: Sequence[Delivery], keys: KeyLookup, prefix: str, skew: timedelta, now: datetime
+) -> list[Accept | Reject]:
+    """Runs in a worker thread: ``cryptography`` releases the GIL while verifying."""
+    del now  # the clock-skew check uses each message's own arrival time
+    results: list[Accept | Reject] = []
+    for d in deliveries:
+        try:
+            message = check_message(
+                d.topic, d.payload, d.received_at, keys, topic_prefix=prefix, max_clock_skew=skew
+            )
+        except Rejected as exc:
+            results.append(
+                Reject(
+                    exc.reason,
+                    exc.detail,
+                    d.topic,
+                    d.payload,
+                    d.received_at,
+                    topic_meter(d.topic, prefix),
+                    exc.kid,
+                )
+            )
+        else:
+            results.append(Accept(message, d.topic, d.payload, d.received_at))
+    return results
+
+
+def _assemble(deliveries: list[Delivery], results: list[Accept | Reject]) -> Batch:
+    """Split results into accepts and rejects, resolving repeats of one (meter, epoch, seq)
+    within the batch: the first stays; a later one is a repeat or a ``seq_conflict``."""
+    accepts: list[Accept] = []
+    rejects: list[Reject] = []
+    seen: dict[tuple[str, int, int], bytes] = {}
+    repeats = 0
+    for result in results:
+        if isinstance(result, Reject):
+            rejects.append(result)
+            continue
+        m = result.message
+        key = (m.meter_id, m.epoch, m.seq)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = m.digest
+            accepts.append(result)
+        elif first == m.digest:
+            repeats += 1
+        else:
+            from ingestd.store import seq_conflict  # noqa: PLC0415 - keeps the hot import list short
+
+            rejects.append(seq_conflict(result))
+    return Batch(deliveries, accepts, rejects, repeats)

@@ -1,0 +1,495 @@
+"""TimescaleDB: schema migrations, the meter registry, and the batch write.
+
+A batch is written in one transaction: the message ledger (``message_seqs``) decides what
+is new, a duplicate or a conflict; readings, events and raw messages of the new ones go
+in with ``INSERT ... SELECT FROM unnest(...)``; rejections go to the quarantine. The
+caller acknowledges upstream only after ``write_batch`` returns, i.e. after the commit.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import asyncpg
+import orjson
+
+from ingestd.config import DatabaseConfig, read_secret
+from ingestd.envelope import Message, MeterKey
+from ingestd.errors import RejectReason, ServiceUnavailable, UsageError
+from ingestd.signature import Alg, is_alg, load_public_key
+
+KEYS_CHANNEL: Final = "ingestd_keys"
+_MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+# Any other session running migrations holds this lock (an arbitrary, fixed number).
+_MIGRATION_LOCK: Final = 0x1D6E57D
+# What a lost or refused connection looks like; anything else from the server is about data.
+CONNECTION_ERRORS: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    TimeoutError,
+)
+
+# asyncpg's classes are generic only in its stubs: these aliases exist for the type checker.
+if TYPE_CHECKING:
+    Connection = asyncpg.Connection[asyncpg.Record]
+    PoolConnection = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """A verified message on its way to the database."""
+
+    message: Message
+    topic: str
+    payload: bytes
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A rejected message on its way to the quarantine."""
+
+    reason: RejectReason
+    detail: str
+    topic: str
+    payload: bytes
+    received_at: datetime
+    meter_id: str | None
+    kid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    accepted: list[Accept]
+    duplicates: int
+    # Rejections decided at write time (seq conflicts; data the database refused), already
+    # in the quarantine within the same transaction.
+    late_rejects: list[Reject]
+    readings_stored: int
+    # Event rows inserted, by code.
+    events_stored: collections.Counter[str]
+
+    def plus(self, other: BatchResult) -> BatchResult:
+        return BatchResult(
+            [*self.accepted, *other.accepted],
+            self.duplicates + other.duplicates,
+            [*self.late_rejects, *other.late_rejects],
+            self.readings_stored + other.readings_stored,
+            self.events_stored + other.events_stored,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("ingestd.migrations").iterdir():
+        match = _MIGRATION_NAME.fullmatch(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def _json_codec(conn: Connection) -> Any:  # noqa: ANN401 - asyncpg's coroutine type
+    return conn.set_type_codec(
+        "jsonb",
+        encoder=lambda value: orjson.dumps(value).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+async def _init_connection(conn: Connection) -> None:
+    await _json_codec(conn)
+
+
+def connect_kwargs(config: DatabaseConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dsn": config.url, "timeout": config.connect_timeout_s}
+    if config.password_file:
+        kwargs["password"] = read_secret("database.password_file", config.password_file)
+    return kwargs
+
+
+class Store:
+    """The database, as an async context manager owning a connection pool."""
+
+    def __init__(self, config: DatabaseConfig, *, quarantine_payload_max: int = 4096) -> None:
+        self._config = config
+        self._quarantine_max = quarantine_payload_max
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            self._pool = await asyncpg.create_pool(
+                **connect_kwargs(self._config),
+                min_size=1,
+                max_size=self._config.pool_size,
+                init=_init_connection,
+            )
+        except CONNECTION_ERRORS as exc:
+            raise ServiceUnavailable(f"database unreachable: {_one_line(exc)}") from exc
+        except asyncpg.InvalidCatalogNameError as exc:
+            raise UsageError(f"database.url: {_one_line(exc)}") from exc
+        except asyncpg.InvalidAuthorizationSpecificationError as exc:
+            raise UsageError(f"database.url: {_one_line(exc)}") from exc
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise RuntimeError("Store used outside its context")
+        return self._pool
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[PoolConnection]:
+        async with self.pool.acquire() as conn:
+            yield conn
+
+    # -- schema -----------------------------------------------------------------------
+
+    async def migrate(self) -> list[Migration]:
+        """Apply the migrations not yet applied; returns those it applied."""
+        applied: list[Migration] = []
+        async with self.connection() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    """CREATE TABLE IF NOT EXISTS schema_migrations (
+                           version integer PRIMARY KEY,
+                           name text NOT NULL,
+                           applied_at timestamptz NOT NULL DEFAULT now())"""
+                )
+                done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                for migration in migrations():
+                    if migration.version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(migration.sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            migration.version,
+                            migration.name,
+                        )
+                    applied.append(migration)
+            except asyncpg.UndefinedFileError as exc:
+                raise UsageError(
+                    "TimescaleDB is not installed in this PostgreSQL "
+                    f"(see deploy/install-timescaledb.sh): {_one_line(exc)}"
+                ) from exc
+            except asyncpg.FeatureNotSupportedError as exc:
+                raise UsageError(f"TimescaleDB not loaded: {_one_line(exc)}") from exc
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+        return applied
+
+    async def pending_migrations(self) -> list[Migration]:
+        async with self.connection() as conn:
+            exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            done = (
+                {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                if exists
+                else set()
+            )
+        return [m for m in migrations() if m.version not in done]
+
+    # -- meters and keys --------------------------------------------------------------
+
+    async def add_meter(
+        self,
+        meter_id: str,
+        *,
+        alg: Alg,
+        kid: str,
+        public_key_pem: str,
+        site: str | None,
+        interval_s: int | None,
+        valid_from: datetime | None = None,
+        valid_until: datetime | None = None,
+    ) -> None:
+        """Register a meter (or update its site and interval) and add one key to it."""
+        async with self.connection() as conn, conn.transaction():
+            await conn.execute(
+                """INSERT INTO meters (meter_id, site, interval_s)
+                   VALUES ($1, $2, COALESCE($3, 900))
+                   ON CONFLICT (meter_id) DO UPDATE
+                   SET site = COALESCE(EXCLUDED.site, meters.site),
+                       interval_s = COALESCE($3, meters.interval_s)""",
+                meter_id,
+                site,
+                interval_s,
+            )
+            owner = await conn.fetchval("SELECT meter_id FROM meter_keys WHERE kid = $1", kid)
+            if owner is not None:
+                raise UsageError(f"key id {kid!r} is already registered (to meter {owner})")
+            await conn.execute(
+                """INSERT INTO meter_keys (kid, meter_id, alg, public_key, valid_from, valid_until)
+                   VALUES ($1, $2, $3, $4, COALESCE($5, now()), $6)""",
+                kid,
+                meter_id,
+                alg,
+                public_key_pem,
+                valid_from,
+                valid_until,
+            )
+
+    async def revoke_key(self, kid: str, at: datetime | None = None) -> bool:
+        async with self.connection() as conn:
+            status = await conn.execute(
+                "UPDATE meter_keys SET revoked_at = COALESCE($2, now()) "
+                "WHERE kid = $1 AND revoked_at IS NULL",
+                kid,
+                at,
+            )
+        return status.endswith(" 1")
+
+    async def list_meters(self) -> list[asyncpg.Record]:
+        async with self.connection() as conn:
+            return await conn.fetch(
+                """SELECT m.meter_id, m.site, m.interval_s, m.registered_at,
+                          COALESCE(json_agg(json_build_object(
+                              'kid', k.kid, 'alg', k.alg, 'valid_from', k.valid_from,
+                              'valid_until', k.valid_until, 'revoked_at', k.revoked_at)
+                              ORDER BY k.valid_from) FILTER (WHERE k.kid IS NOT NULL),
+                              '[]') AS keys
+                   FROM meters m LEFT JOIN meter_keys k USING (meter_id)
+                   GROUP BY m.meter_id ORDER BY m.meter_id"""
+            )
+
+    async def load_keys(self, kids: Sequence[str] | None = None) -> list[MeterKey]:
+        """Registered keys (all, or those named); a key that no longer parses is skipped."""
+        query = "SELECT kid, meter_id, alg, public_key, valid_from, valid_until, revoked_at FROM meter_keys"
+        async with self.connection() as conn:
+            rows = await (
+                conn.fetch(query) if kids is None else conn.fetch(query + " WHERE kid = ANY($1)", kids)
+            )
+        keys = []
+        for row in rows:
+            alg = row["alg"]
+            if not is_alg(alg):
+                continue
+            try:
+                public = load_public_key(row["public_key"].encode(), alg)
+            except UsageError:
+                continue
+            keys.append(
+                MeterKey(
+                    kid=row["kid"],
+                    meter_id=row["meter_id"],
+                    alg=alg,
+                    key=public,
+                    valid_from=row["valid_from"],
+                    valid_until=row["valid_until"],
+                    revoked_at=row["revoked_at"],
+                )
+            )
+        return keys
+
+    @asynccontextmanager
+    async def key_changes(self, callback: Callable[[str], None]) -> AsyncIterator[None]:
+        """Call ``callback(kid)`` whenever a key is added, changed or removed."""
+        conn: Connection = await asyncpg.connect(**connect_kwargs(self._config))
+
+        def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            callback(str(payload))
+
+        try:
+            await conn.add_listener(KEYS_CHANNEL, on_notify)
+            yield
+        finally:
+            await conn.close()
+
+    # -- the batch write --------------------------------------------------------------
+
+    async def write_batch(self, accepts: Sequence[Accept], rejects: Sequence[Reject]) -> BatchResult:
+        """Store a batch in one transaction; duplicates are recognised, not stored again.
+
+        ``accepts`` must hold each (meter, epoch, seq) once; the caller resolves repeats
+        within a batch, since only it sees the order of arrival.
+        """
+        async with self.connection() as conn, conn.transaction():
+            new, duplicates, conflicts = await self._claim_seqs(conn, accepts)
+            readings, events = await self._insert_data(conn, new)
+            await self._insert_quarantine(conn, [*rejects, *conflicts])
+        return BatchResult(new, duplicates, conflicts, readings, events)
+
+    async def _claim_seqs(
+        self, conn: PoolConnection, accepts: Sequence[Accept]
+    ) -> tuple[list[Accept], int, list[Reject]]:
+        if not accepts:
+            return [], 0, []
+        rows = await conn.fetch(
+            """WITH input AS (
+                   SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[],
+                                        $5::timestamptz[])
+                       AS t(meter_id, epoch, seq, digest, received_at)),
+               claimed AS (
+                   INSERT INTO message_seqs SELECT * FROM input
+                   ON CONFLICT DO NOTHING RETURNING meter_id, epoch, seq)
+               SELECT i.meter_id, i.epoch, i.seq, c.seq IS NOT NULL AS new, m.digest AS stored
+               FROM input i
+               LEFT JOIN claimed c USING (meter_id, epoch, seq)
+               LEFT JOIN message_seqs m USING (meter_id, epoch, seq)""",
+            [a.message.meter_id for a in accepts],
+            [a.message.epoch for a in accepts],
+            [a.message.seq for a in accepts],
+            [a.message.digest for a in accepts],
+            [a.received_at for a in accepts],
+        )
+        verdicts = {(r["meter_id"], r["epoch"], r["seq"]): r for r in rows}
+        unresolved = [k for k, r in verdicts.items() if not r["new"] and r["stored"] is None]
+        stored: dict[tuple[str, int, int], bytes] = {
+            k: r["stored"] for k, r in verdicts.items() if r["stored"] is not None
+        }
+        if unresolved:
+            # Claimed by a concurrent transaction that committed after our statement's
+            # snapshot was taken (another instance on a shared subscription): look again.
+            for r in await conn.fetch(
+                """SELECT meter_id, epoch, seq, digest FROM message_seqs
+                   WHERE (meter_id, epoch, seq) IN (
+                       SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]))""",
+                [k[0] for k in unresolved],
+                [k[1] for k in unresolved],
+                [k[2] for k in unresolved],
+            ):
+                stored[(r["meter_id"], r["epoch"], r["seq"])] = r["digest"]
+        new: list[Accept] = []
+        duplicates = 0
+        conflicts: list[Reject] = []
+        for accept in accepts:
+            m = accept.message
+            key = (m.meter_id, m.epoch, m.seq)
+            if verdicts[key]["new"]:
+                new.append(accept)
+            elif stored.get(key) == m.digest:
+                duplicates += 1
+            else:
+                conflicts.append(seq_conflict(accept))
+        return new, duplicates, conflicts
+
+    async def _insert_data(
+        self, conn: PoolConnection, accepts: Sequence[Accept]
+    ) -> tuple[int, collections.Counter[str]]:
+        events: collections.Counter[str] = collections.Counter()
+        if not accepts:
+            return 0, events
+        reading_rows = [
+            (m.meter_id, r.time, r.import_wh, r.export_wh, r.extra, m.epoch, m.seq, a.received_at)
+            for a in accepts
+            for m in (a.message,)
+            for r in m.readings
+        ]
+        event_rows = [
+            (m.meter_id, e.time, e.code, e.detail, m.epoch, m.seq, a.received_at)
+            for a in accepts
+            for m in (a.message,)
+            for e in m.events
+        ]
+        readings = 0
+        if reading_rows:
+            status = await conn.execute(
+                """INSERT INTO readings (meter_id, time, import_wh, export_wh, extra, epoch, seq, received_at)
+                   SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::bigint[],
+                                        $5::jsonb[], $6::bigint[], $7::bigint[], $8::timestamptz[])
+                   ON CONFLICT DO NOTHING""",
+                *map(list, zip(*reading_rows, strict=True)),
+            )
+            readings = _row_count(status)
+        if event_rows:
+            rows = await conn.fetch(
+                """INSERT INTO events (meter_id, time, code, detail, epoch, seq, received_at)
+                   SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::jsonb[],
+                                        $5::bigint[], $6::bigint[], $7::timestamptz[])
+                   ON CONFLICT DO NOTHING RETURNING code""",
+                *map(list, zip(*event_rows, strict=True)),
+            )
+            events.update(r["code"] for r in rows)
+        await conn.execute(
+            """INSERT INTO raw_messages (meter_id, epoch, seq, received_at, sent, replay, kid, topic, payload)
+               SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[],
+                                    $5::timestamptz[], $6::boolean[], $7::text[], $8::text[], $9::bytea[])""",
+            [a.message.meter_id for a in accepts],
+            [a.message.epoch for a in accepts],
+            [a.message.seq for a in accepts],
+            [a.received_at for a in accepts],
+            [a.message.sent for a in accepts],
+            [a.message.replay for a in accepts],
+            [a.message.kid for a in accepts],
+            [a.topic for a in accepts],
+            [a.payload for a in accepts],
+        )
+        return readings, events
+
+    async def _insert_quarantine(self, conn: PoolConnection, rejects: Sequence[Reject]) -> None:
+        if not rejects:
+            return
+        cap = self._quarantine_max
+        await conn.execute(
+            """INSERT INTO quarantine
+                   (received_at, reason, detail, topic, meter_id, kid, payload, payload_size)
+               SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                    $6::text[], $7::bytea[], $8::integer[])""",
+            [r.received_at for r in rejects],
+            [r.reason for r in rejects],
+            [_clean_text(r.detail) for r in rejects],
+            [_clean_text(r.topic) for r in rejects],
+            [r.meter_id for r in rejects],
+            [_clean_text(r.kid) if r.kid is not None else None for r in rejects],
+            [r.payload[:cap] for r in rejects],
+            [len(r.payload) for r in rejects],
+        )
+
+
+def seq_conflict(accept: Accept) -> Reject:
+    m = accept.message
+    return Reject(
+        reason="seq_conflict",
+        detail=f"epoch {m.epoch} seq {m.seq} already stored with other content",
+        topic=accept.topic,
+        payload=accept.payload,
+        received_at=accept.received_at,
+        meter_id=m.meter_id,
+        kid=m.kid,
+    )
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _row_count(status: str) -> int:
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _clean_text(text: str) -> str:
+    # PostgreSQL text cannot hold NUL; a hostile topic must not make a batch fail.
+    return text.replace("\x00", "\\0")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

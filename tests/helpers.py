@@ -1,0 +1,77 @@
+"""Small helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aiomqtt
+import orjson
+from prometheus_client import CollectorRegistry
+
+from ingestd.signature import Signer, b64url_encode
+
+
+async def wait_until(
+    condition: Callable[[], bool], *, within_s: float = 30.0, what: str = "condition"
+) -> None:
+    """Poll ``condition`` on the event loop until it holds; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+async def publish(url_host: str, port: int, messages: Iterable[tuple[str, bytes]]) -> int:
+    """Publish (topic, payload) pairs at QoS 1 as one meter-side client; returns the count."""
+    count = 0
+    async with aiomqtt.Client(
+        url_host, port, identifier=f"test-pub-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V5
+    ) as client:
+        for topic, payload in messages:
+            await client.publish(topic, payload, qos=1)
+            count += 1
+    return count
+
+
+def jws(signer: Signer, body: dict[str, Any] | bytes, *, header: dict[str, Any] | None = None) -> bytes:
+    """A JWS over ``body``; ``header`` replaces the protected header (for attack cases)."""
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    protected = b64url_encode(orjson.dumps(header)) if header is not None else None
+    return signer.sign_body(raw, protected)
+
+
+def finished(registry: CollectorRegistry) -> float:
+    """Messages whose fate is committed: accepted, duplicate or rejected."""
+    rejected = sum(
+        s.value
+        for m in registry.collect()
+        if m.name == "ingestd_messages_rejected"
+        for s in m.samples
+        if s.name == "ingestd_messages_rejected_total"
+    )
+    return (
+        metric(registry, "ingestd_messages_accepted_total")
+        + metric(registry, "ingestd_messages_duplicate_total")
+        + rejected
+    )
+
+
+async def wait_settled(registry: CollectorRegistry, received: int, *, within_s: float = 30.0) -> None:
+    """Wait until ``received`` messages arrived and every one of them is committed."""
+    await wait_until(
+        lambda: (
+            metric(registry, "ingestd_messages_received_total") == received and finished(registry) == received
+        ),
+        within_s=within_s,
+        what=f"{received} messages received and committed",
+    )
