@@ -19,6 +19,7 @@ import orjson
 import structlog
 
 from ingestd.config import Config, load_config
+from ingestd.envelope import KID, METER_ID
 from ingestd.errors import IngestdError, KeyFileError, ServiceUnavailable, UsageError
 from ingestd.logs import configure_logging
 from ingestd.signature import (
@@ -159,10 +160,15 @@ def _cmd_run(config: Config, _args: argparse.Namespace) -> int:
 def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
     action = args.meter_command
     if action == "add":
-        pem = _read_file(args.key, "--key")
-        load_public_key(pem, args.alg)  # raises KeyFileError naming what is wrong
-        if not _valid_meter_id(args.meter_id):
+        if not METER_ID.fullmatch(args.meter_id):
             raise UsageError(f"METER_ID {args.meter_id!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if not KID.fullmatch(args.kid):
+            raise UsageError(f"--kid {args.kid!r} must be 1-128 printable ASCII characters, no spaces")
+        pem = _read_file(args.key, "--key")
+        try:
+            load_public_key(pem, args.alg)
+        except KeyFileError as exc:
+            raise KeyFileError(f"--key {args.key}: {exc}") from None
 
         async def add() -> int:
             async with Store(config.database) as store:
@@ -250,12 +256,6 @@ def _read_file(path: str, option: str) -> bytes:
         raise KeyFileError(f"{option} {path}: no such file") from None
     except OSError as exc:
         raise KeyFileError(f"{option} {path}: {exc.strerror}") from None
-
-
-def _valid_meter_id(value: str) -> bool:
-    from ingestd.envelope import METER_ID  # noqa: PLC0415
-
-    return METER_ID.fullmatch(value) is not None
 
 
 def _positive_int(text: str) -> int:

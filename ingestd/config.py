@@ -175,6 +175,10 @@ def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{source} is not valid TOML: {exc}") from None
     sections = {f.name: f for f in dataclasses.fields(Config)}
+    for variable in env:
+        prefix = variable.removeprefix(ENV_PREFIX).split("_", 1)[0].lower()
+        if variable.startswith(ENV_PREFIX) and variable != CONFIG_ENV and prefix not in sections:
+            raise ConfigError(variable, "unknown setting (no such section; see ingestd --help)")
     for name, value in raw.items():
         if name not in sections:
             raise ConfigError(name, "unknown section")
@@ -183,9 +187,7 @@ def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | 
     built: dict[str, Any] = {}
     for name, section in sections.items():
         cls = _section_class(section)
-        values = dict(raw.get(name, {}))
-        values.update(_env_overrides(name, cls, env))
-        built[name] = _build_section(name, cls, values)
+        built[name] = _build_section(name, cls, raw.get(name, {}), _env_overrides(name, cls, env))
     config = Config(**built)
     config.validate()
     return config
@@ -194,7 +196,10 @@ def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | 
 def parse_host_port(key: str, value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     # Port 0 asks the kernel for a free port (tests, several instances on one host).
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    valid_port = port.isascii() and port.isdigit() and 0 <= int(port) < 65536
+    # An IPv6 address must be in brackets, or its colons are read as the port's.
+    valid_host = ":" not in host or (host.startswith("[") and host.endswith("]"))
+    if not sep or not valid_port or not valid_host:
         raise ConfigError(key, f"expected host:port, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
 
@@ -227,21 +232,24 @@ def _env_overrides(section: str, cls: type[Any], env: typing.Mapping[str, str]) 
     return found
 
 
-def _build_section(section: str, cls: type[Any], values: dict[str, Any]) -> Any:  # noqa: ANN401
+def _build_section(section: str, cls: type[Any], from_file: dict[str, Any], from_env: dict[str, str]) -> Any:  # noqa: ANN401
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
-    for key, value in values.items():
+    for key, value in from_file.items():
         if key not in known:
             raise ConfigError(f"{section}.{key}", "unknown key")
-        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value, from_env=False)
+    for key, text in from_env.items():
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], text, from_env=True)
     return cls(**kwargs)
 
 
-def _coerce(key: str, hint: Any, value: Any) -> Any:  # noqa: ANN401
+def _coerce(key: str, hint: Any, value: Any, *, from_env: bool) -> Any:  # noqa: ANN401
+    """A setting's value as its type. Text from the environment is parsed; a TOML value
+    must already have the right type (`batch_max = "500"` is a mistake worth reporting)."""
     if isinstance(hint, types.UnionType):
         hint = next(t for t in typing.get_args(hint) if t is not type(None))
-    from_env = isinstance(value, str)
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
@@ -29,7 +30,13 @@ KID: Final = re.compile(r"[\x21-\x7e]{1,128}")
 EVENT_CODE: Final = re.compile(r"[0-9]{3}")
 # RFC 3339 date-time, strictly: datetime.fromisoformat alone accepts dates without a time,
 # week dates and naive times, none of which may reach the database as a reading's time.
-_RFC3339: Final = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_RFC3339: Final = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+)
+# \u0000 after an even number of backslashes: an escaped NUL, not the text "\\u0000".
+_NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# Nesting allowed inside a reading's extra fields or an event's detail.
+MAX_DEPTH: Final = 32
 _HEADER_KEYS: Final = frozenset({"alg", "kid"})
 _ENVELOPE_KEYS: Final = frozenset({"protected", "payload", "signature"})
 _READING_KEYS: Final = frozenset({"t", "import_wh", "export_wh"})
@@ -232,7 +239,7 @@ def parse_body(raw: bytes) -> Body:
     Unknown top-level members are ignored (forward compatibility; the raw message keeps
     them); unknown members of a reading are kept in its ``extra``.
     """
-    if b"\\u0000" in raw:
+    if b"\\u0000" in raw and _NUL_ESCAPE.search(raw):
         # PostgreSQL's text and jsonb cannot hold NUL: refuse it here, not in a failed batch.
         raise Rejected("bad_body", "NUL characters (\\u0000) are not allowed")
     try:
@@ -264,8 +271,21 @@ def parse_body(raw: bytes) -> Body:
         raise Rejected("bad_body", f"{len(raw_events)} events, limit {MAX_EVENTS}")
     readings = tuple(_reading(i, r) for i, r in enumerate(raw_readings))
     events = tuple(_event(i, e) for i, e in enumerate(raw_events))
-    digest = hashlib.sha256(orjson.dumps([raw_readings, raw_events], option=orjson.OPT_SORT_KEYS)).digest()
-    return Body(meter, epoch, seq, sent, replay, readings, events, digest)
+    return Body(meter, epoch, seq, sent, replay, readings, events, content_digest(readings, events))
+
+
+def content_digest(readings: Sequence[Reading], events: Sequence[Event]) -> bytes:
+    """SHA-256 of the data a message carries, independent of how its JSON was written
+    (time zone, key order, white space), so that a replay re-serialised by a meter is
+    still recognised as the same message."""
+    canonical = orjson.dumps(
+        [
+            [[r.time.isoformat(), r.import_wh, r.export_wh, r.extra] for r in readings],
+            [[e.time.isoformat(), e.code, e.detail] for e in events],
+        ],
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(canonical).digest()
 
 
 def parse_time(value: str) -> datetime:
@@ -277,7 +297,11 @@ def parse_time(value: str) -> datetime:
     # Python keeps microseconds: finer fractions are truncated, not rejected.
     fraction = (fraction or "")[:7]
     offset = "+00:00" if offset in {"Z", "z"} else offset
-    return datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}").astimezone(UTC)
+    try:
+        return datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}").astimezone(UTC)
+    except OverflowError:
+        # A time within years 1-9999 locally but not in UTC.
+        raise ValueError("date-time out of range") from None
 
 
 def format_time(value: datetime) -> str:
@@ -293,6 +317,8 @@ def _reading(index: int, raw: object) -> Reading:
     import_wh = _register(raw, "import_wh", index, required=True)
     export_wh = _register(raw, "export_wh", index, required=False)
     extra = {k: v for k, v in raw.items() if k not in _READING_KEYS} or None
+    if extra is not None and _too_deep(extra, MAX_DEPTH):
+        raise Rejected("bad_body", f"readings[{index}] nests deeper than {MAX_DEPTH} levels")
     assert import_wh is not None
     return Reading(time, import_wh, export_wh, extra)
 
@@ -307,7 +333,26 @@ def _event(index: int, raw: object) -> Event:
     detail = raw.get("detail", {})
     if not isinstance(detail, dict):
         raise Rejected("bad_body", f"events[{index}].detail must be an object")
+    if _too_deep(detail, MAX_DEPTH):
+        raise Rejected("bad_body", f"events[{index}].detail nests deeper than {MAX_DEPTH} levels")
     return Event(time, code, detail)
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """True when containers nest more than ``limit`` levels (iterative: no recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _register(raw: dict[str, Any], name: str, index: int, *, required: bool) -> int | None:

@@ -8,6 +8,10 @@ that reaches beneath it, so that a PUBACK leaves only after our database commit:
   wrapper (measurably cheaper per message, and we need the packet id to ack);
 - the socket's read callback can be paused, so that when too much is pending the broker,
   not our memory, holds the backlog (its QoS 1 queue for our persistent session).
+  Receive Maximum cannot do this: Mosquitto 2.0 honours it only for the first window and
+  then delivers the whole backlog. While paused, paho would see no PINGRESP and drop the
+  connection after one keepalive; ``_KeepaliveGuard`` tells it the broker is alive (it is:
+  TCP would say otherwise), so PINGREQs keep going out and the broker keeps us too.
 
 Packet ids are only meaningful on the connection that delivered them: every delivery
 carries its connection's number, and an ack for an earlier connection is dropped. The
@@ -75,6 +79,7 @@ class MqttLink:
         self._connection = 0
         self._paused = False
         self._subscribed = asyncio.Event()
+        self._guard: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -84,6 +89,13 @@ class MqttLink:
         await self._subscribed.wait()
 
     async def run(self) -> None:
+        try:
+            await self._reconnect_forever()
+        finally:
+            if self._guard is not None:
+                self._guard.cancel()
+
+    async def _reconnect_forever(self) -> None:
         delay = self._config.reconnect_initial_s
         while True:
             try:
@@ -133,11 +145,29 @@ class MqttLink:
         if not self._paused:
             self._paused = True
             self._set_reading(paused=True)
+            self._guard = asyncio.get_running_loop().create_task(self._keepalive_guard(), name="mqtt-guard")
 
     def resume_reading(self) -> None:
         if self._paused:
             self._paused = False
             self._set_reading(paused=False)
+            if self._guard is not None:
+                self._guard.cancel()
+                self._guard = None
+
+    async def _keepalive_guard(self) -> None:
+        """While reading is paused, keep paho from timing out on unread PINGRESPs."""
+        while True:
+            client = self._client
+            if client is not None:
+                inner = _paho(client)
+                # paho 2.x internals: the time bytes last arrived, and the time of an
+                # unanswered PINGREQ (0: none). Absent in another paho, the guard does
+                # nothing and a long pause costs a reconnect, never data.
+                if hasattr(inner, "_last_bytes_received") and hasattr(inner, "_ping_t"):
+                    inner._last_bytes_received = paho.time_func()  # noqa: SLF001
+                    inner._ping_t = 0  # noqa: SLF001
+            await asyncio.sleep(1.0)
 
     async def disconnect(self) -> None:
         """Close the connection cleanly (the session and its queue stay at the broker)."""

@@ -298,6 +298,12 @@ def _check_chunk(
                     exc.kid,
                 )
             )
+        except Exception as exc:
+            # A check that fails in a way we did not foresee is our bug, not the meter's:
+            # log it loudly and quarantine the message for a human to look at.
+            log.exception("check_failed", topic=d.topic)
+            detail = f"internal error while checking: {type(exc).__name__}"
+            results.append(Reject("bad_body", detail, d.topic, d.payload, d.received_at, None, None))
         else:
             results.append(Accept(message, d.topic, d.payload, d.received_at))
     return results

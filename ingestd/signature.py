@@ -174,8 +174,8 @@ def load_public_key(pem: bytes, alg: Alg) -> PublicKey:
     """Parse a SubjectPublicKeyInfo PEM and check it suits ``alg``; KeyFileError otherwise."""
     try:
         key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyFileError(f"not a PEM public key ({_first_line(exc)})") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyFileError("not a PEM-encoded public key (SubjectPublicKeyInfo)") from None
     if not isinstance(
         key,
         rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | dsa.DSAPublicKey,
@@ -188,8 +188,8 @@ def load_public_key(pem: bytes, alg: Alg) -> PublicKey:
 def load_private_key(pem: bytes) -> PrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyFileError(f"not an unencrypted PEM private key ({_first_line(exc)})") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyFileError("not an unencrypted PEM-encoded private key (PKCS#8)") from None
     if not isinstance(
         key,
         rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | dsa.DSAPrivateKey,
@@ -238,8 +238,3 @@ def _key_kind(key: PublicKey | PrivateKey) -> str:
     if isinstance(key, dsa.DSAPublicKey | dsa.DSAPrivateKey):
         return f"DSA-{key.key_size}"
     return "Ed25519"
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:120]

@@ -140,11 +140,11 @@ class MosquittoServer:
     @staticmethod
     def _binary() -> str:
         # /usr/sbin is often missing from a non-root PATH.
-        found = os.environ.get("INGESTD_MOSQUITTO") or shutil.which("mosquitto")
+        found = os.environ.get("TEST_MOSQUITTO") or shutil.which("mosquitto")
         if found is None and Path("/usr/sbin/mosquitto").exists():
             found = "/usr/sbin/mosquitto"
         if found is None:
-            raise ServiceError("mosquitto not found (install it or set INGESTD_MOSQUITTO)")
+            raise ServiceError("mosquitto not found (install it or set TEST_MOSQUITTO)")
         return found
 
     def _config(self) -> str:
@@ -300,7 +300,7 @@ def find_pg_bindir() -> Path:
     On Debian `pg_config` may come from libpq-dev and point at /usr/bin, which holds only
     wrapper scripts and no initdb; then the newest versioned server directory wins.
     """
-    override = os.environ.get("INGESTD_PG_BINDIR")
+    override = os.environ.get("TEST_PG_BINDIR")
     if override:
         return Path(override)
     pg_config = shutil.which("pg_config")
@@ -312,7 +312,7 @@ def find_pg_bindir() -> Path:
             return Path(out)
     candidates = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")]
     if not candidates:
-        raise ServiceError("no PostgreSQL server binaries found (set INGESTD_PG_BINDIR)")
+        raise ServiceError("no PostgreSQL server binaries found (set TEST_PG_BINDIR)")
     return max(candidates, key=_pg_version_key)
 
 

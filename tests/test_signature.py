@@ -538,24 +538,24 @@ def test_unsupported_key_type_rejected() -> None:
     ],
 )
 def test_garbage_public_pem_rejected(pem: bytes) -> None:
-    with pytest.raises(KeyFileError, match="not a PEM public key"):
+    with pytest.raises(KeyFileError, match="not a PEM-encoded public key"):
         load_public_key(pem, "RS256")
 
 
 def test_private_pem_is_not_a_public_key(keys: dict[Alg, PrivateKey]) -> None:
-    with pytest.raises(KeyFileError, match="not a PEM public key"):
+    with pytest.raises(KeyFileError, match="not a PEM-encoded public key"):
         load_public_key(private_key_pem(keys["EdDSA"]), "EdDSA")
 
 
 def test_garbage_and_encrypted_private_pem_rejected(keys: dict[Alg, PrivateKey]) -> None:
-    with pytest.raises(KeyFileError, match="not an unencrypted PEM private key"):
+    with pytest.raises(KeyFileError, match="not an unencrypted PEM-encoded private key"):
         load_private_key(b"garbage")
     encrypted = keys["EdDSA"].private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"secret"),
     )
-    with pytest.raises(KeyFileError, match="not an unencrypted PEM private key"):
+    with pytest.raises(KeyFileError, match="not an unencrypted PEM-encoded private key"):
         load_private_key(encrypted)
 
 

@@ -1,0 +1,361 @@
+"""`make bench`: ingestd end to end on a real broker and database, on this machine.
+
+Phase 1, throughput: pre-signed ES256 messages are queued at the broker for ingestd's
+persistent session while it is stopped; then ingestd starts and drains the backlog with
+acknowledge-after-commit. Reported: messages/s, daemon CPU per message, peak RSS.
+Phase 2, latency: a publisher sends at a fixed rate while ingestd runs; reported: the
+sent-to-commit delay, p50 and p99 (from the daemon's own histogram).
+Both phases end by checking that every message was stored exactly once.
+
+Results go to bench/results/latest.json (and a dated copy) and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from ingestd.config import DatabaseConfig  # noqa: E402
+from ingestd.envelope import format_time  # noqa: E402
+from ingestd.signature import Signer, generate_private_key, public_key_pem  # noqa: E402
+from ingestd.store import Store  # noqa: E402
+from services import MosquittoServer, PostgresServer, free_port  # noqa: E402
+
+PREFIX = "meters"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--meters", type=int, default=1000)
+    parser.add_argument("--messages", type=int, default=100_000, help="phase 1 backlog size")
+    parser.add_argument("--rate", type=int, default=4000, help="phase 2 publish rate, messages/s")
+    parser.add_argument("--seconds", type=int, default=15, help="phase 2 duration")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--profile", type=Path, metavar="FILE", help="run the daemon under py-spy, collapsed stacks to FILE"
+    )
+    return parser.parse_args()
+
+
+def presign(
+    signers: list[Signer], start_seq: int, count: int, *, sent: datetime | None
+) -> list[tuple[str, bytes]]:
+    """``count`` messages round-robin over the meters; one reading each."""
+    messages = []
+    protected = {s.kid: s.protected() for s in signers}
+    per_meter_seq = dict.fromkeys((s.kid for s in signers), start_seq - 1)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    for i in range(count):
+        signer = signers[i % len(signers)]
+        meter = signer.kid.removesuffix("-k1")
+        per_meter_seq[signer.kid] += 1
+        seq = per_meter_seq[signer.kid]
+        body = {
+            "v": 1,
+            "meter": meter,
+            "epoch": 0,
+            "seq": seq,
+            "sent": format_time(sent or datetime.now(UTC)),
+            "replay": False,
+            "readings": [{"t": format_time(base + timedelta(minutes=15 * seq)), "import_wh": 1000 + seq}],
+        }
+        messages.append((f"{PREFIX}/{meter}/up", signer.sign_body(orjson.dumps(body), protected[signer.kid])))
+    return messages
+
+
+class Publisher:
+    """A fast QoS 1 publisher (paho in its own network thread)."""
+
+    def __init__(self, port: int) -> None:
+        self.acked = 0
+        self._lock = threading.Lock()
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id="bench-publisher", protocol=paho.MQTTv5
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.on_publish = self._on_publish
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_publish(self, *_args: object) -> None:
+        with self._lock:
+            self.acked += 1
+
+    def publish(self, messages: list[tuple[str, bytes]]) -> None:
+        for topic, payload in messages:
+            self.client.publish(topic, payload, qos=1)
+
+    def wait_acked(self, count: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while self.acked < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"broker acknowledged {self.acked} of {count}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def histogram_quantile(q: float, metrics: dict[str, float], name: str) -> float:
+    """Prometheus' histogram_quantile over cumulative buckets (linear within a bucket)."""
+    buckets = sorted(
+        (float(k.split('le="')[1].rstrip('"}')), v)
+        for k, v in metrics.items()
+        if k.startswith(f"{name}_bucket")
+    )
+    total = buckets[-1][1]
+    if total == 0:
+        return float("nan")
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-9)
+        lower_bound, lower_count = bound, count
+    return float("nan")
+
+
+def start_daemon(env: dict[str, str], log_path: Path, profile: Path | None = None) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    command = [sys.executable, "-m", "ingestd.cli", "run"]
+    if profile is not None:
+        spy = Path(sys.executable).parent / "py-spy"
+        command = [str(spy), "record", "--threads", "--format", "raw", "-o", str(profile), "--", *command]
+    return subprocess.Popen(command, env=env, stdout=log, stderr=log)
+
+
+def wait_metric(port: int, name: str, target: float, timeout: float = 600) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            metrics = scrape(port)
+            if metrics.get(name, 0) >= target:
+                return metrics
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not reach {target}")
+        time.sleep(0.02)
+
+
+async def count_rows(dsn: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {
+            t: await conn.fetchval(f"SELECT count(*) FROM {t}")
+            for t in ("readings", "raw_messages", "message_seqs", "quarantine")
+        }
+    finally:
+        await conn.close()
+
+
+async def setup_db(dsn: str, signers: list[Signer]) -> None:
+    async with Store(DatabaseConfig(url=dsn)) as store:
+        await store.migrate()
+        for s in signers:
+            await store.add_meter(
+                s.kid.removesuffix("-k1"),
+                alg=s.alg,
+                kid=s.kid,
+                public_key_pem=public_key_pem(s.key.public_key()).decode(),
+                site="BENCH",
+                interval_s=900,
+            )
+
+
+def main() -> int:
+    args = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "params": {
+            "meters": args.meters,
+            "messages": args.messages,
+            "rate": args.rate,
+            "seconds": args.seconds,
+        },
+    }
+    with PostgresServer(work / "pg") as pg, MosquittoServer(work / "mqtt") as broker:
+        dsn = pg.create_database("bench")
+        print(f"signing {args.messages} ES256 messages for {args.meters} meters ...", flush=True)
+        signers = [
+            Signer("ES256", f"B-{i:06d}-k1", generate_private_key("ES256")) for i in range(args.meters)
+        ]
+        asyncio.run(setup_db(dsn, signers))
+        backlog = presign(signers, 1, args.messages, sent=None)
+        metrics_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")} | {
+            "INGESTD_DATABASE_URL": dsn,
+            "INGESTD_MQTT_URL": broker.url,
+            "INGESTD_MQTT_CLIENT_ID": "ingestd-bench",
+            "INGESTD_METRICS_ADDR": f"127.0.0.1:{metrics_port}",
+            "INGESTD_LOG_FORMAT": "json",
+            "INGESTD_LOG_LEVEL": "warning",
+        }
+        log_path = work / "ingestd.log"
+        # Create ingestd's persistent session, then stop it: the backlog queues for it.
+        daemon = start_daemon(env, log_path)
+        wait_metric(metrics_port, "ingestd_mqtt_connected", 1, timeout=60)
+        daemon.terminate()
+        daemon.wait(30)
+
+        print(f"phase 1: queueing {len(backlog)} messages at the broker ...", flush=True)
+        publisher = Publisher(broker.port)
+        publisher.publish(backlog)
+        publisher.wait_acked(len(backlog))
+
+        daemon = start_daemon(env, log_path, args.profile)
+        started = time.monotonic()
+        wait_metric(metrics_port, "ingestd_mqtt_connected", 1, timeout=60)
+        cpu0 = proc_cpu_s(daemon.pid)
+        t0 = time.monotonic()
+        received0 = scrape(metrics_port).get("ingestd_messages_received_total", 0)
+        metrics = wait_metric(metrics_port, "ingestd_messages_accepted_total", len(backlog))
+        elapsed = time.monotonic() - t0
+        cpu = proc_cpu_s(daemon.pid) - cpu0
+        # Messages received before t0 were already on their way: count from start-up too.
+        rate_from_start = len(backlog) / (time.monotonic() - started)
+        rows = asyncio.run(count_rows(dsn))
+        results["throughput"] = {
+            "messages": len(backlog),
+            "received_before_timing": received0,
+            "seconds": round(elapsed, 2),
+            "messages_per_s": round((len(backlog) - received0) / elapsed),
+            "messages_per_s_including_startup": round(rate_from_start),
+            "daemon_cpu_us_per_message": round(cpu / len(backlog) * 1e6, 1),
+            "batches_p50_size": round(histogram_quantile(0.5, metrics, "ingestd_batch_size"), 1),
+            "exactly_once": rows["readings"] == len(backlog)
+            and rows["message_seqs"] == len(backlog)
+            and rows["raw_messages"] == len(backlog)
+            and rows["quarantine"] == 0,
+            "rows": rows,
+        }
+        print(json.dumps(results["throughput"]), flush=True)
+
+        print(f"phase 2: {args.rate} messages/s for {args.seconds} s ...", flush=True)
+        before = scrape(metrics_port)
+        total = args.rate * args.seconds
+        step = 0.01
+        per_step = max(1, round(args.rate * step))
+        next_seq = args.messages // args.meters + 2
+        t_start = time.monotonic()
+        published = 0
+        seq_block = 0
+        while published < total:
+            chunk = min(per_step, total - published)
+            # Signed just in time, so `sent` is the publish time (ES256 signing is ~50 us).
+            batch = presign(signers, next_seq + seq_block, chunk, sent=None)
+            seq_block += -(-chunk // len(signers))
+            publisher.publish(batch)
+            published += chunk
+            ahead = t_start + published / args.rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+        publisher.wait_acked(len(backlog) + total)
+        achieved = total / (time.monotonic() - t_start)
+        metrics = wait_metric(metrics_port, "ingestd_messages_received_total", len(backlog) + total)
+        metrics = wait_metric(metrics_port, "ingestd_messages_accepted_total", len(backlog) + total)
+        peak_rss = proc_peak_rss_mib(daemon.pid)
+        rows = asyncio.run(count_rows(dsn))
+        # Phase 1's messages waited in the backlog: count only what phase 2 added.
+        delta = {k: v - before.get(k, 0.0) for k, v in metrics.items()}
+        name = "ingestd_sent_to_commit_seconds"
+        results["latency"] = {
+            "target_rate": args.rate,
+            "achieved_publish_rate": round(achieved),
+            "sent_to_commit_p50_ms": round(histogram_quantile(0.5, delta, name) * 1000, 1),
+            "sent_to_commit_p99_ms": round(histogram_quantile(0.99, delta, name) * 1000, 1),
+        }
+        results["memory"] = {"daemon_peak_rss_mib": round(peak_rss, 1)}
+        results["exactly_once_all"] = (
+            rows["readings"] == len(backlog) + total and rows["message_seqs"] == len(backlog) + total
+        )
+        daemon.terminate()
+        daemon.wait(30)
+        publisher.close()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2)
+    (args.out / "latest.json").write_text(text + "\n")
+    stamp = results["date"].replace(":", "").replace("-", "")[:15]
+    (args.out / f"bench-{stamp}.json").write_text(text + "\n")
+    print_table(results)
+    return 0 if results["throughput"]["exactly_once"] and results["exactly_once_all"] else 1
+
+
+def print_table(results: dict[str, Any]) -> None:
+    t, lat, mem = results["throughput"], results["latency"], results["memory"]
+    rows = [
+        ("throughput (backlog drain, ack after commit)", f"{t['messages_per_s']:,} msg/s"),
+        ("  including start-up", f"{t['messages_per_s_including_startup']:,} msg/s"),
+        ("daemon CPU per message", f"{t['daemon_cpu_us_per_message']} us"),
+        (
+            "sent-to-commit p50 at live rate",
+            f"{lat['sent_to_commit_p50_ms']} ms @ {lat['achieved_publish_rate']:,} msg/s",
+        ),
+        ("sent-to-commit p99 at live rate", f"{lat['sent_to_commit_p99_ms']} ms"),
+        ("daemon peak RSS", f"{mem['daemon_peak_rss_mib']} MiB"),
+        ("every message stored exactly once", str(t["exactly_once"] and results["exactly_once_all"])),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

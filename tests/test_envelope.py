@@ -1,0 +1,1139 @@
+"""Wire protocol v1 checks (ingestd.envelope), without services.
+
+Every rejection reason ``check_message`` can produce is driven by a message built for it,
+signed with keys made once per module; the order of the checks is asserted where it
+matters for security (nothing in the body is believed before the signature verifies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingestd.envelope import (
+    MAX_EVENTS,
+    MAX_INT64,
+    MAX_PAYLOAD,
+    MAX_READINGS,
+    Message,
+    MeterKey,
+    check_message,
+    format_time,
+    parse_body,
+    parse_envelope,
+    parse_time,
+    topic_meter,
+)
+from ingestd.errors import REJECT_REASONS, Rejected
+from ingestd.signature import ALGS, Alg, Signer, b64url_encode, generate_private_key
+
+NOW = datetime(2026, 11, 24, 0, 15, 30, tzinfo=UTC)
+SKEW = timedelta(minutes=5)
+PREFIX = "meters"
+TOPIC = "meters/M1/up"
+DROP: Any = object()  # marks a body member to leave out
+
+
+class Lookup:
+    """The key table as check_message sees it."""
+
+    def __init__(self, *keys: MeterKey) -> None:
+        self._keys = {k.kid: k for k in keys}
+
+    def get(self, kid: str, /) -> MeterKey | None:
+        return self._keys.get(kid)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Signers (by kid) and the registered keys of meters M1 and M2."""
+
+    signers: dict[str, Signer]
+    keys: dict[str, MeterKey]
+
+    def lookup(self, *changed: MeterKey) -> Lookup:
+        """Every registered key, with ``changed`` replacing the key of the same kid."""
+        table = dict(self.keys)
+        table.update({k.kid: k for k in changed})
+        return Lookup(*table.values())
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Fleet:
+    # kid -> (alg, meter). One RSA key serves RS256 and PS256; one DSA key (slow to make).
+    plan: dict[str, tuple[Alg, str]] = {
+        "es-1": ("ES256", "M1"),
+        "ed-1": ("EdDSA", "M1"),
+        "es-2": ("ES256", "M2"),
+        "rs-1": ("RS256", "M1"),
+        "ps-1": ("PS256", "M1"),
+        "ds-1": ("DS256", "M1"),
+    }
+    rsa_key = generate_private_key("RS256")
+    signers: dict[str, Signer] = {}
+    keys: dict[str, MeterKey] = {}
+    for kid, (alg, meter) in plan.items():
+        private = rsa_key if alg in {"RS256", "PS256"} else generate_private_key(alg)
+        signers[kid] = Signer(alg, kid, private)
+        keys[kid] = MeterKey(kid, meter, alg, private.public_key())
+    # A key nobody registered, of the same alg as es-1.
+    signers["es-stranger"] = Signer("ES256", "es-1", generate_private_key("ES256"))
+    return Fleet(signers, keys)
+
+
+def make_body(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "v": 1,
+        "meter": "M1",
+        "epoch": 0,
+        "seq": 1042,
+        "sent": "2026-11-24T00:15:03Z",
+        "replay": False,
+        "readings": [{"t": "2026-11-24T00:15:00Z", "import_wh": 1234567, "export_wh": 0}],
+        "events": [{"t": "2026-11-24T00:14:10Z", "code": "001", "detail": {}}],
+    }
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not DROP}
+
+
+def header64(header: object) -> str:
+    return b64url_encode(orjson.dumps(header))
+
+
+def jws(signer: Signer, body: dict[str, Any] | bytes, *, header: object = None) -> bytes:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return signer.sign_body(raw, header64(header) if header is not None else None)
+
+
+def envelope(**members: object) -> bytes:
+    return orjson.dumps(members)
+
+
+def check(
+    payload: bytes,
+    keys: Lookup,
+    *,
+    topic: str = TOPIC,
+    received_at: datetime = NOW,
+    skew: timedelta = SKEW,
+) -> Message:
+    return check_message(topic, payload, received_at, keys, topic_prefix=PREFIX, max_clock_skew=skew)
+
+
+def rejected(
+    payload: bytes,
+    keys: Lookup,
+    *,
+    topic: str = TOPIC,
+    received_at: datetime = NOW,
+    skew: timedelta = SKEW,
+) -> Rejected:
+    with pytest.raises(Rejected) as info:
+        check(payload, keys, topic=topic, received_at=received_at, skew=skew)
+    assert info.value.reason in REJECT_REASONS
+    return info.value
+
+
+def signed_parts(payload: bytes) -> dict[str, str]:
+    parts = orjson.loads(payload)
+    assert isinstance(parts, dict)
+    return parts
+
+
+# --- too_large ------------------------------------------------------------------------
+
+
+def padded(payload: bytes, size: int) -> bytes:
+    """The same JWS, padded with trailing JSON whitespace to exactly ``size`` bytes."""
+    assert len(payload) <= size
+    return payload + b" " * (size - len(payload))
+
+
+def test_payload_over_64_kib_is_too_large(fleet: Fleet) -> None:
+    payload = padded(jws(fleet.signers["es-1"], make_body()), MAX_PAYLOAD + 1)
+    assert len(payload) == 64 * 1024 + 1
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "too_large"
+    assert exc.kid is None
+
+
+def test_payload_of_exactly_64_kib_is_accepted(fleet: Fleet) -> None:
+    payload = padded(jws(fleet.signers["es-1"], make_body()), 64 * 1024)
+    assert check(payload, fleet.lookup()).seq == 1042
+
+
+def test_too_large_is_decided_before_parsing() -> None:
+    with pytest.raises(Rejected) as info:
+        parse_envelope(b"x" * (MAX_PAYLOAD + 1))
+    assert info.value.reason == "too_large"
+
+
+# --- bad_json -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"not json", id="not-json"),
+        pytest.param(b'{"protected": "\xff\xfe"}', id="non-utf8"),
+        pytest.param(b"\xff\xfe{}", id="non-utf8-prefix"),
+        pytest.param(b'{"protected": NaN, "payload": "", "signature": ""}', id="nan"),
+        pytest.param(b'{"protected": Infinity}', id="infinity"),
+        pytest.param(b'{"protected": 1' + b"0" * 400 + b"}", id="integer-beyond-double"),
+        pytest.param(b'{"protected": "a",}', id="trailing-comma"),
+        pytest.param(b"[" * 1100 + b"]" * 1100, id="nesting-too-deep"),
+        pytest.param(b'{"protected": "a"} {}', id="two-documents"),
+    ],
+)
+def test_bad_json(fleet: Fleet, payload: bytes) -> None:
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "bad_json"
+    assert exc.kid is None
+
+
+def test_integer_just_over_2_64_is_read_as_a_float_not_bad_json(fleet: Fleet) -> None:
+    # orjson 3.x reads integers beyond 64 bits as floats (only values beyond a double's
+    # range are a JSON error), so such a member is a bad envelope, not bad JSON.
+    parts = signed_parts(jws(fleet.signers["es-1"], make_body()))
+    payload = orjson.dumps(parts)[:-1] + b',"x":18446744073709551616}'
+    assert rejected(payload, fleet.lookup()).reason == "bad_envelope"
+    as_member = envelope(protected=2**64 - 1, payload="e30", signature="")
+    assert rejected(as_member, fleet.lookup()).reason == "bad_envelope"
+
+
+# --- bad_envelope ---------------------------------------------------------------------
+
+
+def good_parts(fleet: Fleet) -> dict[str, str]:
+    return signed_parts(jws(fleet.signers["es-1"], make_body()))
+
+
+@pytest.mark.parametrize(
+    ("change", "detail"),
+    [
+        pytest.param({"signature": DROP}, "members", id="missing-signature"),
+        pytest.param({"protected": DROP}, "members", id="missing-protected"),
+        pytest.param({"header": {"kid": "es-1"}}, "members", id="extra-member"),
+        pytest.param({"signatures": []}, "members", id="general-serialization-member"),
+        pytest.param({"payload": 5}, "strings", id="payload-not-string"),
+        pytest.param({"signature": None}, "strings", id="signature-null"),
+        pytest.param({"protected": {"alg": "ES256", "kid": "es-1"}}, "strings", id="protected-object"),
+    ],
+)
+def test_bad_envelope_shape(fleet: Fleet, change: dict[str, Any], detail: str) -> None:
+    parts: dict[str, Any] = {**good_parts(fleet), **change}
+    payload = orjson.dumps({k: v for k, v in parts.items() if v is not DROP})
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "bad_envelope"
+    assert detail in exc.detail
+    assert exc.kid is None
+
+
+@pytest.mark.parametrize("payload", [b"[]", b'["a", "b", "c"]', b'"text"', b"5", b"null", b"true"])
+def test_envelope_that_is_not_an_object(fleet: Fleet, payload: bytes) -> None:
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "bad_envelope"
+    assert "object" in exc.detail
+
+
+@pytest.mark.parametrize("member", ["protected", "payload", "signature"])
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda s: s + "=" * (-len(s) % 4 or 4), id="padding"),
+        pytest.param(lambda s: s + "==", id="two-pad-chars"),
+        pytest.param(lambda s: s.replace("-", "+").replace("_", "/") + "+/", id="standard-alphabet"),
+        pytest.param(lambda s: s[:10] + " " + s[10:], id="space"),
+        pytest.param(lambda s: s[:10] + "\n" + s[10:], id="newline"),
+        pytest.param(lambda s: s + "A" * ((1 - len(s)) % 4), id="impossible-length"),
+        pytest.param(lambda s: s + "é", id="non-ascii"),
+    ],
+)
+def test_bad_base64url(fleet: Fleet, member: str, spoil: Any) -> None:
+    parts = good_parts(fleet)
+    parts[member] = spoil(parts[member])
+    exc = rejected(orjson.dumps(parts), fleet.lookup())
+    assert exc.reason == "bad_envelope"
+    assert "base64url" in exc.detail
+
+
+def test_non_canonical_base64url_last_character(fleet: Fleet) -> None:
+    # 1 byte encodes as 2 characters, of which the last carries 4 unused bits: "QQ" is
+    # not the canonical encoding of b"A" ("QQ" vs "QR" decode alike with a lax decoder).
+    parts = good_parts(fleet)
+    parts["signature"] = "QR"
+    exc = rejected(orjson.dumps(parts), fleet.lookup())
+    assert exc.reason == "bad_envelope"
+    assert "base64url" in exc.detail
+
+
+@pytest.mark.parametrize(
+    ("protected", "detail"),
+    [
+        pytest.param(b64url_encode(b"not json"), "not JSON", id="header-not-json"),
+        pytest.param(b64url_encode(b'{"alg": "ES256", "kid": "es-1"'), "not JSON", id="header-truncated"),
+        pytest.param(b64url_encode(b"\xff\xfe"), "not JSON", id="header-not-utf8"),
+        pytest.param(b64url_encode(b""), "not JSON", id="header-empty"),
+        pytest.param(header64(["ES256", "es-1"]), "object", id="header-array"),
+        pytest.param(header64("ES256"), "object", id="header-string"),
+        pytest.param(header64({"kid": "es-1"}), "alg", id="missing-alg"),
+        pytest.param(header64({"alg": "ES256"}), "kid", id="missing-kid"),
+        pytest.param(header64({}), "alg", id="empty-header"),
+        pytest.param(header64({"alg": "none", "kid": "es-1"}), "alg", id="alg-none"),
+        pytest.param(header64({"alg": "None", "kid": "es-1"}), "alg", id="alg-None"),
+        pytest.param(header64({"alg": "HS256", "kid": "es-1"}), "alg", id="alg-HS256"),
+        pytest.param(header64({"alg": "es256", "kid": "es-1"}), "alg", id="alg-lowercase"),
+        pytest.param(header64({"alg": "ES256 ", "kid": "es-1"}), "alg", id="alg-trailing-space"),
+        pytest.param(header64({"alg": ["ES256"], "kid": "es-1"}), "alg", id="alg-list"),
+        pytest.param(header64({"alg": None, "kid": "es-1"}), "alg", id="alg-null"),
+        pytest.param(header64({"alg": "ES256", "kid": "es-1", "crit": ["exp"]}), "crit", id="crit"),
+        pytest.param(header64({"alg": "ES256", "kid": "es-1", "crit": []}), "crit", id="crit-empty"),
+        pytest.param(header64({"alg": "ES256", "kid": "es 1"}), "kid", id="kid-with-space"),
+        pytest.param(header64({"alg": "ES256", "kid": ""}), "kid", id="kid-empty"),
+        pytest.param(header64({"alg": "ES256", "kid": "k" * 129}), "kid", id="kid-129-chars"),
+        pytest.param(header64({"alg": "ES256", "kid": "kid\u00e9"}), "kid", id="kid-non-ascii"),
+        pytest.param(header64({"alg": "ES256", "kid": "kid\n"}), "kid", id="kid-newline"),
+        pytest.param(header64({"alg": "ES256", "kid": 5}), "kid", id="kid-int"),
+        pytest.param(header64({"alg": "ES256", "kid": None}), "kid", id="kid-null"),
+    ],
+)
+def test_bad_protected_header(fleet: Fleet, protected: str, detail: str) -> None:
+    # Signed over the bad header, so that nothing but the header is wrong.
+    payload = fleet.signers["es-1"].sign_body(orjson.dumps(make_body()), protected)
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "bad_envelope"
+    assert detail in exc.detail
+    assert exc.kid is None
+
+
+def test_kid_of_128_printable_characters_is_well_formed(fleet: Fleet) -> None:
+    kid = "!~" * 64
+    key = dataclasses.replace(fleet.keys["es-1"], kid=kid)
+    payload = jws(fleet.signers["es-1"], make_body(), header={"alg": "ES256", "kid": kid})
+    assert check(payload, fleet.lookup(key)).kid == kid
+
+
+def test_extra_header_parameters_are_allowed(fleet: Fleet) -> None:
+    payload = jws(fleet.signers["es-1"], make_body(), header={"alg": "ES256", "kid": "es-1", "typ": "JOSE"})
+    assert check(payload, fleet.lookup()).kid == "es-1"
+
+
+def test_parse_envelope_returns_the_signing_input(fleet: Fleet) -> None:
+    payload = jws(fleet.signers["es-1"], b'{"v":1}')
+    parts = signed_parts(payload)
+    header = parse_envelope(payload)
+    assert header.alg == "ES256"
+    assert header.kid == "es-1"
+    assert header.body == b'{"v":1}'
+    assert header.signing_input == f"{parts['protected']}.{parts['payload']}".encode()
+    assert len(header.signature) == 64
+
+
+# --- unknown_key, revoked_key ---------------------------------------------------------
+
+
+def test_unknown_key(fleet: Fleet) -> None:
+    signer = fleet.signers["es-1"]
+    payload = jws(signer, make_body(), header={"alg": "ES256", "kid": "nobody"})
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "unknown_key"
+    assert "nobody" in exc.detail
+    assert exc.kid == "nobody"
+
+
+@pytest.mark.parametrize(
+    ("change", "word"),
+    [
+        pytest.param({"revoked_at": NOW - timedelta(seconds=1)}, "revoked", id="revoked-before"),
+        pytest.param({"revoked_at": NOW}, "revoked", id="revoked-at-receipt"),
+        pytest.param({"valid_until": NOW - timedelta(days=1)}, "expired", id="expired"),
+        pytest.param({"valid_until": NOW}, "expired", id="expires-at-receipt"),
+        pytest.param({"valid_from": NOW + timedelta(seconds=1)}, "not yet valid", id="not-yet-valid"),
+    ],
+)
+@pytest.mark.parametrize("kid", ["es-1", "ed-1"])
+def test_revoked_key(fleet: Fleet, kid: str, change: dict[str, datetime], word: str) -> None:
+    key = dataclasses.replace(fleet.keys[kid], **change)  # type: ignore[arg-type]
+    exc = rejected(jws(fleet.signers[kid], make_body()), fleet.lookup(key))
+    assert exc.reason == "revoked_key"
+    assert word in exc.detail
+    assert exc.kid == kid
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"revoked_at": NOW + timedelta(seconds=1)}, id="revoked-later"),
+        pytest.param({"valid_until": NOW + timedelta(seconds=1)}, id="expires-later"),
+        pytest.param({"valid_from": NOW}, id="valid-from-receipt"),
+        pytest.param(
+            {"valid_from": NOW - timedelta(days=1), "valid_until": NOW + timedelta(days=1)}, id="in-window"
+        ),
+    ],
+)
+def test_key_usable_at_receipt(fleet: Fleet, change: dict[str, datetime]) -> None:
+    key = dataclasses.replace(fleet.keys["es-1"], **change)  # type: ignore[arg-type]
+    assert check(jws(fleet.signers["es-1"], make_body()), fleet.lookup(key)).kid == "es-1"
+
+
+def test_revocation_is_judged_at_receipt_not_at_sent(fleet: Fleet) -> None:
+    # A message sent before the revocation but received after it is refused: the key may be
+    # in an attacker's hands, who can write any `sent`.
+    key = dataclasses.replace(fleet.keys["es-1"], revoked_at=NOW - timedelta(minutes=1))
+    body = make_body(sent="2026-11-01T00:00:00Z")
+    assert rejected(jws(fleet.signers["es-1"], body), fleet.lookup(key)).reason == "revoked_key"
+
+
+# --- alg_mismatch ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kid", "claimed"),
+    [("es-1", "RS256"), ("es-1", "EdDSA"), ("es-1", "PS256"), ("ed-1", "ES256"), ("rs-1", "PS256")],
+)
+def test_alg_mismatch(fleet: Fleet, kid: str, claimed: Alg) -> None:
+    # Algorithm confusion: the header claims another alg than the key was registered for.
+    payload = jws(fleet.signers[kid], make_body(), header={"alg": claimed, "kid": kid})
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "alg_mismatch"
+    assert claimed in exc.detail
+    assert exc.kid == kid
+
+
+def test_alg_mismatch_even_when_the_signature_verifies_under_the_claimed_alg(fleet: Fleet) -> None:
+    # rs-1 and ps-1 share one RSA key: an RS256 signature by that key is genuine, but ps-1
+    # is registered for PS256 only.
+    rs = fleet.signers["rs-1"]
+    payload = Signer("RS256", "ps-1", rs.key).sign_body(orjson.dumps(make_body()))
+    assert rejected(payload, fleet.lookup()).reason == "alg_mismatch"
+
+
+# --- bad_signature --------------------------------------------------------------------
+
+
+def test_body_changed_after_signing(fleet: Fleet) -> None:
+    parts = signed_parts(jws(fleet.signers["es-1"], make_body()))
+    forged = make_body(readings=[{"t": "2026-11-24T00:15:00Z", "import_wh": 1}])
+    parts["payload"] = b64url_encode(orjson.dumps(forged))
+    exc = rejected(orjson.dumps(parts), fleet.lookup())
+    assert exc.reason == "bad_signature"
+    assert exc.kid == "es-1"
+
+
+def test_header_changed_after_signing(fleet: Fleet) -> None:
+    parts = signed_parts(jws(fleet.signers["es-1"], make_body()))
+    parts["protected"] = header64({"kid": "es-1", "alg": "ES256"})  # same members, other bytes
+    assert rejected(orjson.dumps(parts), fleet.lookup()).reason == "bad_signature"
+
+
+@pytest.mark.parametrize("signer", ["es-stranger", "es-2"])
+def test_signature_by_another_key_of_the_same_alg(fleet: Fleet, signer: str) -> None:
+    payload = jws(fleet.signers[signer], make_body(), header={"alg": "ES256", "kid": "es-1"})
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "bad_signature"
+    assert "es-1" in exc.detail
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\x00" * 64, id="zeros"),
+        pytest.param(b"\xff" * 64, id="ones"),
+        pytest.param(b"\x01" * 63, id="short"),
+    ],
+)
+@pytest.mark.parametrize("kid", ["es-1", "ed-1", "ds-1", "rs-1"])
+def test_garbage_signature(fleet: Fleet, kid: str, signature: bytes) -> None:
+    parts = signed_parts(jws(fleet.signers[kid], make_body()))
+    parts["signature"] = b64url_encode(signature)
+    assert rejected(orjson.dumps(parts), fleet.lookup()).reason == "bad_signature"
+
+
+def test_signature_is_checked_before_the_body_is_read(fleet: Fleet) -> None:
+    parts = signed_parts(jws(fleet.signers["es-1"], make_body()))
+    parts["payload"] = b64url_encode(b'{"v": 2, "meter": "M2"}')
+    assert rejected(orjson.dumps(parts), fleet.lookup()).reason == "bad_signature"
+
+
+def test_key_status_is_checked_before_the_signature(fleet: Fleet) -> None:
+    key = dataclasses.replace(fleet.keys["es-1"], revoked_at=NOW)
+    payload = jws(fleet.signers["es-stranger"], b"not even json")
+    assert rejected(payload, fleet.lookup(key)).reason == "revoked_key"
+
+
+# --- topic_mismatch -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        pytest.param("meters/M2/up", id="other-meter"),
+        pytest.param("meters/m1/up", id="other-case"),
+        pytest.param("devices/M1/up", id="wrong-prefix"),
+        pytest.param("meters2/M1/up", id="prefix-with-suffix"),
+        pytest.param("x/meters/M1/up", id="prefix-not-at-start"),
+        pytest.param("meters/M1/up/extra", id="extra-level"),
+        pytest.param("meters/M1/down/replay", id="downlink"),
+        pytest.param("meters/M1", id="no-up"),
+        pytest.param("meters/M1/upx", id="up-suffix"),
+        pytest.param("meters/x/M1/up", id="two-levels"),
+        pytest.param("meters/+/up", id="wildcard"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_topic_does_not_name_the_meter(fleet: Fleet, topic: str) -> None:
+    exc = rejected(jws(fleet.signers["es-1"], make_body()), fleet.lookup(), topic=topic)
+    assert exc.reason == "topic_mismatch"
+    assert exc.kid == "es-1"
+
+
+def test_body_names_another_meter_than_the_keys_owner(fleet: Fleet) -> None:
+    # M1's key signs a body claiming to be M2, published on M2's topic.
+    payload = jws(fleet.signers["es-1"], make_body(meter="M2"))
+    exc = rejected(payload, fleet.lookup(), topic="meters/M2/up")
+    assert exc.reason == "topic_mismatch"
+    assert "key belongs to M1" in exc.detail
+
+
+def test_another_meters_key_on_this_meters_topic(fleet: Fleet) -> None:
+    payload = jws(fleet.signers["es-2"], make_body(meter="M2"))
+    exc = rejected(payload, fleet.lookup(), topic=TOPIC)
+    assert exc.reason == "topic_mismatch"
+    assert "topic" in exc.detail
+
+
+def test_multi_level_topic_prefix(fleet: Fleet) -> None:
+    payload = jws(fleet.signers["es-1"], make_body())
+    message = check_message(
+        "site/a/meters/M1/up",
+        payload,
+        NOW,
+        fleet.lookup(),
+        topic_prefix="site/a/meters",
+        max_clock_skew=SKEW,
+    )
+    assert message.meter_id == "M1"
+
+
+# --- bad_body -------------------------------------------------------------------------
+
+READING = {"t": "2026-11-24T00:15:00Z", "import_wh": 5}
+EVENT = {"t": "2026-11-24T00:14:10Z", "code": "001"}
+
+
+def reading(**changes: Any) -> dict[str, Any]:
+    merged = {**READING, **changes}
+    return {k: v for k, v in merged.items() if v is not DROP}
+
+
+def event(**changes: Any) -> dict[str, Any]:
+    merged = {**EVENT, **changes}
+    return {k: v for k, v in merged.items() if v is not DROP}
+
+
+BAD_BODIES = [
+    # (changes to the body, text the detail must contain)
+    ({"v": DROP}, "v must be 1"),
+    ({"v": 2}, "v must be 1"),
+    ({"v": "1"}, "v must be 1"),
+    ({"v": True}, "v must be 1"),
+    ({"v": 1.0}, "v must be 1"),
+    ({"v": 0}, "v must be 1"),
+    ({"meter": DROP}, "meter"),
+    ({"meter": "M 1"}, "meter"),
+    ({"meter": "M1/up"}, "meter"),
+    ({"meter": "M\u00e91"}, "meter"),
+    ({"meter": "M" * 65}, "meter"),
+    ({"meter": ""}, "meter"),
+    ({"meter": 1}, "meter"),
+    ({"epoch": DROP}, "epoch"),
+    ({"epoch": -1}, "epoch"),
+    ({"epoch": True}, "epoch"),
+    ({"epoch": 1.5}, "epoch"),
+    ({"epoch": 0.0}, "epoch"),
+    ({"epoch": 2**63}, "epoch"),
+    ({"epoch": "0"}, "epoch"),
+    ({"seq": DROP}, "seq"),
+    ({"seq": 0}, "seq"),
+    ({"seq": -5}, "seq"),
+    ({"seq": 2**63}, "seq"),
+    ({"seq": 2**64 - 1}, "seq"),
+    ({"seq": "5"}, "seq"),
+    ({"seq": None}, "seq"),
+    ({"sent": DROP}, "sent"),
+    ({"sent": None}, "sent"),
+    ({"sent": 1764000000}, "sent"),
+    ({"sent": "yesterday"}, "sent"),
+    ({"sent": "2026-11-24"}, "sent"),
+    ({"sent": "2026-11-24T00:15:03"}, "sent"),
+    ({"sent": "2026-11-24 00:15:03Z"}, "sent"),
+    ({"sent": "2026-11-24T00:15:03+0000"}, "sent"),
+    ({"sent": "2026-13-24T00:15:03Z"}, "sent"),
+    ({"replay": "yes"}, "replay"),
+    ({"replay": 1}, "replay"),
+    ({"replay": None}, "replay"),
+    ({"readings": {}}, "readings must be a list"),
+    ({"readings": "none"}, "readings must be a list"),
+    ({"readings": None}, "readings must be a list"),
+    ({"readings": [5]}, "readings[0]"),
+    ({"readings": [READING, []]}, "readings[1]"),
+    ({"readings": [reading(t=DROP)]}, "readings[0].t"),
+    ({"readings": [reading(t="2026-11-24")]}, "readings[0].t"),
+    ({"readings": [READING, reading(t=5)]}, "readings[1].t"),
+    ({"readings": [reading(import_wh=DROP)]}, "readings[0].import_wh"),
+    ({"readings": [reading(import_wh=None)]}, "readings[0].import_wh"),
+    ({"readings": [reading(import_wh=-1)]}, "readings[0].import_wh"),
+    ({"readings": [reading(import_wh=1.5)]}, "readings[0].import_wh"),
+    ({"readings": [reading(import_wh=5.0)]}, "readings[0].import_wh"),
+    ({"readings": [reading(import_wh=True)]}, "readings[0].import_wh"),
+    ({"readings": [reading(import_wh="5")]}, "readings[0].import_wh"),
+    ({"readings": [reading(import_wh=2**63)]}, "readings[0].import_wh"),
+    ({"readings": [reading(export_wh="0")]}, "readings[0].export_wh"),
+    ({"readings": [reading(export_wh=None)]}, "readings[0].export_wh"),
+    ({"readings": [reading(export_wh=-1)]}, "readings[0].export_wh"),
+    ({"readings": [reading(export_wh=False)]}, "readings[0].export_wh"),
+    ({"events": {}}, "events must be a list"),
+    ({"events": None}, "events must be a list"),
+    ({"events": ["001"]}, "events[0]"),
+    ({"events": [event(t=DROP)]}, "events[0].t"),
+    ({"events": [EVENT, event(t="later")]}, "events[1].t"),
+    ({"events": [event(code="1")]}, "events[0].code"),
+    ({"events": [event(code="0001")]}, "events[0].code"),
+    ({"events": [event(code="00a")]}, "events[0].code"),
+    ({"events": [event(code="")]}, "events[0].code"),
+    ({"events": [event(code="\u0661\u0662\u0663")]}, "events[0].code"),
+    ({"events": [event(code=1)]}, "events[0].code"),
+    ({"events": [event(code=DROP)]}, "events[0].code"),
+    ({"events": [event(detail=[])]}, "events[0].detail"),
+    ({"events": [event(detail="x")]}, "events[0].detail"),
+    ({"events": [event(detail=None)]}, "events[0].detail"),
+    ({"events": [EVENT] * (MAX_EVENTS + 1)}, "101 events"),
+]
+
+
+@pytest.mark.parametrize(("changes", "detail"), BAD_BODIES, ids=[d for _, d in BAD_BODIES])
+def test_bad_body(fleet: Fleet, changes: dict[str, Any], detail: str) -> None:
+    exc = rejected(jws(fleet.signers["es-1"], make_body(**changes)), fleet.lookup())
+    assert exc.reason == "bad_body"
+    assert detail in exc.detail
+    assert exc.kid == "es-1"
+
+
+def test_too_many_readings(fleet: Fleet) -> None:
+    body = make_body(readings=[READING] * (MAX_READINGS + 1), events=[])
+    payload = jws(fleet.signers["ed-1"], body)
+    assert len(payload) <= MAX_PAYLOAD  # so that the count, not the size, is what fails
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "bad_body"
+    assert "1001 readings" in exc.detail
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        pytest.param(b"not json", "not JSON", id="not-json"),
+        pytest.param(b"", "not JSON", id="empty"),
+        pytest.param(b'{"v": 1,', "not JSON", id="truncated"),
+        pytest.param(b'{"v": NaN}', "not JSON", id="nan"),
+        pytest.param(b'{"meter": "\xff"}', "not JSON", id="non-utf8"),
+        pytest.param(b"[" * 1100 + b"]" * 1100, "not JSON", id="too-deep"),
+        pytest.param(b"[]", "not a JSON object", id="array"),
+        pytest.param(b'[{"v": 1}]', "not a JSON object", id="array-of-body"),
+        pytest.param(b'"body"', "not a JSON object", id="string"),
+        pytest.param(b"null", "not a JSON object", id="null"),
+    ],
+)
+def test_body_that_is_not_a_json_object(fleet: Fleet, raw: bytes, detail: str) -> None:
+    exc = rejected(jws(fleet.signers["es-1"], raw), fleet.lookup())
+    assert exc.reason == "bad_body"
+    assert detail in exc.detail
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(orjson.dumps(make_body(readings=[reading(note="a\u0000b")])), id="in-reading-extra"),
+        pytest.param(orjson.dumps(make_body(events=[event(detail={"k": "\u0000"})])), id="in-detail"),
+        pytest.param(orjson.dumps(make_body(fw="\u0000")), id="in-unknown-member"),
+        pytest.param(orjson.dumps(make_body(**{"\u0000": 1})), id="in-a-key"),
+    ],
+)
+def test_nul_character_in_a_string(fleet: Fleet, raw: bytes) -> None:
+    assert b"\\u0000" in raw
+    exc = rejected(jws(fleet.signers["es-1"], raw), fleet.lookup())
+    assert exc.reason == "bad_body"
+    assert "NUL" in exc.detail
+
+
+def test_raw_control_character_is_not_json(fleet: Fleet) -> None:
+    raw = orjson.dumps(make_body()).replace(b'"M1"', b'"M1\x00"')
+    exc = rejected(jws(fleet.signers["es-1"], raw), fleet.lookup())
+    assert exc.reason == "bad_body"
+
+
+def test_parse_body_directly() -> None:
+    with pytest.raises(Rejected) as info:
+        parse_body(orjson.dumps(make_body(seq=0)))
+    assert info.value.reason == "bad_body"
+    assert "seq" in info.value.detail
+
+
+# --- clock_skew -----------------------------------------------------------------------
+
+
+def sent_at(delta: timedelta) -> str:
+    return format_time(NOW + delta)
+
+
+@pytest.mark.parametrize("kid", ["es-1", "ed-1"])
+def test_sent_six_minutes_ahead_is_clock_skew(fleet: Fleet, kid: str) -> None:
+    payload = jws(fleet.signers[kid], make_body(sent=sent_at(timedelta(minutes=6))))
+    exc = rejected(payload, fleet.lookup())
+    assert exc.reason == "clock_skew"
+    assert exc.kid == kid
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        timedelta(minutes=4),
+        timedelta(minutes=5),  # the limit itself is allowed
+        timedelta(0),
+        timedelta(days=-400),  # old messages are replays, not skew
+    ],
+)
+def test_sent_within_the_skew_is_accepted(fleet: Fleet, delta: timedelta) -> None:
+    message = check(jws(fleet.signers["es-1"], make_body(sent=sent_at(delta))), fleet.lookup())
+    assert message.sent == NOW + delta
+
+
+def test_skew_boundary_follows_max_clock_skew(fleet: Fleet) -> None:
+    ahead = jws(fleet.signers["es-1"], make_body(sent=sent_at(timedelta(seconds=61))))
+    assert rejected(ahead, fleet.lookup(), skew=timedelta(minutes=1)).reason == "clock_skew"
+    assert check(ahead, fleet.lookup(), skew=timedelta(minutes=2)).seq == 1042
+    one_second = jws(fleet.signers["es-1"], make_body(sent=sent_at(timedelta(seconds=1))))
+    assert rejected(one_second, fleet.lookup(), skew=timedelta(0)).reason == "clock_skew"
+    on_time = jws(fleet.signers["es-1"], make_body(sent=sent_at(timedelta(0))))
+    assert check(on_time, fleet.lookup(), skew=timedelta(0)).seq == 1042
+
+
+def test_skew_compares_instants_not_local_clock_text(fleet: Fleet) -> None:
+    # 02:19:30+02:00 is 00:19:30Z: four minutes ahead, accepted.
+    payload = jws(fleet.signers["es-1"], make_body(sent="2026-11-24T02:19:30+02:00"))
+    assert check(payload, fleet.lookup()).sent == NOW + timedelta(minutes=4)
+
+
+# --- accepted messages ----------------------------------------------------------------
+
+
+def test_accepted_message_maps_every_field(fleet: Fleet) -> None:
+    body = make_body(
+        epoch=3,
+        seq=77,
+        sent="2026-11-24T01:15:03+01:00",
+        replay=DROP,
+        readings=[
+            {"t": "2026-11-24T00:15:00Z", "import_wh": 10, "export_wh": 2, "voltage": 230.5, "phase": "L1"},
+            {"t": "2026-11-24T00:00:00.250Z", "import_wh": 9},
+        ],
+        events=[
+            {"t": "2026-11-24T00:14:10Z", "code": "001"},
+            {"t": "2026-11-24T00:14:20Z", "code": "999", "detail": {"why": ["x", 1]}},
+        ],
+        firmware="1.2.3",  # unknown top-level members are ignored
+    )
+    message = check(jws(fleet.signers["ed-1"], body), fleet.lookup())
+    assert message.meter_id == "M1"
+    assert message.epoch == 3
+    assert message.seq == 77
+    assert message.kid == "ed-1"
+    assert message.sent == datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC)
+    assert message.sent.tzinfo is UTC
+    assert message.replay is False
+    first, second = message.readings
+    assert first.time == datetime(2026, 11, 24, 0, 15, tzinfo=UTC)
+    assert (first.import_wh, first.export_wh) == (10, 2)
+    assert first.extra == {"voltage": 230.5, "phase": "L1"}
+    assert second.time == datetime(2026, 11, 24, 0, 0, 0, 250000, tzinfo=UTC)
+    assert (second.import_wh, second.export_wh, second.extra) == (9, None, None)
+    assert [(e.code, e.detail) for e in message.events] == [("001", {}), ("999", {"why": ["x", 1]})]
+    assert message.events[0].time == datetime(2026, 11, 24, 0, 14, 10, tzinfo=UTC)
+    assert len(message.digest) == 32
+
+
+def test_replay_flag(fleet: Fleet) -> None:
+    message = check(jws(fleet.signers["es-1"], make_body(replay=True)), fleet.lookup())
+    assert message.replay is True
+
+
+@pytest.mark.parametrize("kid", ["es-1", "ed-1", "rs-1", "ps-1", "ds-1"])
+def test_every_alg_is_accepted(fleet: Fleet, kid: str) -> None:
+    message = check(jws(fleet.signers[kid], make_body()), fleet.lookup())
+    assert message.kid == kid
+    assert message.meter_id == "M1"
+
+
+def test_all_five_algs_are_covered(fleet: Fleet) -> None:
+    assert {fleet.keys[k].alg for k in ("es-1", "ed-1", "rs-1", "ps-1", "ds-1")} == set(ALGS)
+
+
+def test_heartbeat_without_readings_or_events(fleet: Fleet) -> None:
+    message = check(jws(fleet.signers["es-1"], make_body(readings=DROP, events=DROP)), fleet.lookup())
+    assert message.readings == ()
+    assert message.events == ()
+    empty = check(jws(fleet.signers["es-1"], make_body(readings=[], events=[])), fleet.lookup())
+    assert empty.digest == message.digest
+
+
+def test_a_thousand_readings(fleet: Fleet) -> None:
+    readings = [reading(import_wh=i) for i in range(MAX_READINGS)]
+    payload = jws(fleet.signers["es-1"], make_body(readings=readings, events=[]))
+    assert len(payload) <= MAX_PAYLOAD
+    message = check(payload, fleet.lookup())
+    assert [r.import_wh for r in message.readings] == list(range(MAX_READINGS))
+
+
+def test_a_hundred_events(fleet: Fleet) -> None:
+    payload = jws(fleet.signers["es-1"], make_body(events=[EVENT] * MAX_EVENTS))
+    assert len(check(payload, fleet.lookup()).events) == MAX_EVENTS
+
+
+def test_largest_integers(fleet: Fleet) -> None:
+    body = make_body(
+        epoch=MAX_INT64, seq=MAX_INT64, readings=[reading(import_wh=MAX_INT64, export_wh=MAX_INT64)]
+    )
+    message = check(jws(fleet.signers["es-1"], body), fleet.lookup())
+    assert (message.epoch, message.seq) == (2**63 - 1, 2**63 - 1)
+    assert message.readings[0].import_wh == message.readings[0].export_wh == MAX_INT64
+
+
+def test_meter_id_of_64_characters(fleet: Fleet) -> None:
+    meter = "a-Z_9" * 12 + "abcd"
+    assert len(meter) == 64
+    key = dataclasses.replace(fleet.keys["es-1"], meter_id=meter)
+    payload = jws(fleet.signers["es-1"], make_body(meter=meter))
+    assert check(payload, fleet.lookup(key), topic=f"meters/{meter}/up").meter_id == meter
+
+
+def test_check_message_is_repeatable(fleet: Fleet) -> None:
+    payload = jws(fleet.signers["es-1"], make_body())
+    assert check(payload, fleet.lookup()) == check(payload, fleet.lookup())
+
+
+# --- digest ---------------------------------------------------------------------------
+
+
+def digest(body: dict[str, Any] | bytes) -> bytes:
+    return parse_body(body if isinstance(body, bytes) else orjson.dumps(body)).digest
+
+
+def test_digest_ignores_sent_replay_and_unknown_members() -> None:
+    first = digest(make_body())
+    assert digest(make_body(sent="2026-11-25T00:00:00Z", replay=True)) == first
+    assert digest(make_body(replay=DROP, firmware="2.0")) == first
+
+
+def test_digest_covers_readings_and_events() -> None:
+    first = digest(make_body())
+    assert digest(make_body(readings=[reading(import_wh=1234568, export_wh=0)])) != first
+    assert digest(make_body(events=[event(code="002", detail={})])) != first
+    assert digest(make_body(events=[])) != first
+    assert digest(make_body(readings=[reading(extra=1) | {"import_wh": 1234567, "export_wh": 0}])) != first
+
+
+def test_digest_ignores_member_order_and_whitespace() -> None:
+    one = (
+        b'{"v":1,"meter":"M1","epoch":0,"seq":1,"sent":"2026-11-24T00:15:03Z",'
+        b'"readings":[{"t":"2026-11-24T00:15:00Z","import_wh":5,"export_wh":0,"x":{"a":1,"b":2}}],'
+        b'"events":[{"t":"2026-11-24T00:14:10Z","code":"001","detail":{"p":1,"q":2}}]}'
+    )
+    two = (
+        b'{ "events" : [ {"detail": {"q": 2, "p": 1}, "code": "001", "t": "2026-11-24T00:14:10Z"} ],\n'
+        b'  "readings": [ {"x": {"b": 2, "a": 1}, "export_wh": 0, "import_wh": 5,'
+        b' "t": "2026-11-24T00:15:00Z"} ],'
+        b' "sent": "2026-11-24T00:20:00Z", "seq": 1, "epoch": 0, "meter": "M1", "v": 1 }'
+    )
+    assert digest(one) == digest(two)
+
+
+def test_digest_does_not_depend_on_meter_or_seq() -> None:
+    # The (meter, epoch, seq) key is compared separately; the digest is only the content.
+    assert digest(make_body(seq=1)) == digest(make_body(seq=2, meter="M2"))
+
+
+# --- topic_meter ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("topic", "prefix", "meter"),
+    [
+        ("meters/M1/up", "meters", "M1"),
+        ("meters/M-000123/up", "meters", "M-000123"),
+        ("a/b/M_1/up", "a/b", "M_1"),
+        ("meters/" + "x" * 64 + "/up", "meters", "x" * 64),
+        ("meters/" + "x" * 65 + "/up", "meters", None),
+        ("meters//up", "meters", None),
+        ("meters/up", "meters", None),
+        ("meters/M 1/up", "meters", None),
+        ("meters/M.1/up", "meters", None),
+        ("meters/M1/up/extra", "meters", None),
+        ("meters/M1/down/replay", "meters", None),
+        ("meters/a/b/up", "meters", None),
+        ("meter/M1/up", "meters", None),
+        ("metersX/M1/up", "meters", None),
+        ("/meters/M1/up", "meters", None),
+        ("meters/M1/up", "a/b", None),
+        ("meters/+/up", "meters", None),
+        ("meters/#/up", "meters", None),
+    ],
+)
+def test_topic_meter(topic: str, prefix: str, meter: str | None) -> None:
+    assert topic_meter(topic, prefix) == meter
+
+
+# --- parse_time, format_time ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-24T00:15:03Z", datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC)),
+        ("2026-11-24T00:15:03z", datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC)),
+        ("2026-11-24t00:15:03Z", datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC)),
+        ("2026-11-24T00:15:03+00:00", datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC)),
+        ("2026-11-24T00:15:03-00:00", datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC)),
+        ("2026-11-24T01:15:03+02:00", datetime(2026, 11, 23, 23, 15, 3, tzinfo=UTC)),
+        ("2026-11-23T18:45:03-05:30", datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC)),
+        ("2026-11-24T00:15:03.5Z", datetime(2026, 11, 24, 0, 15, 3, 500000, tzinfo=UTC)),
+        ("2026-11-24T00:15:03.12Z", datetime(2026, 11, 24, 0, 15, 3, 120000, tzinfo=UTC)),
+        ("2026-11-24T00:15:03.123Z", datetime(2026, 11, 24, 0, 15, 3, 123000, tzinfo=UTC)),
+        ("2026-11-24T00:15:03.123456Z", datetime(2026, 11, 24, 0, 15, 3, 123456, tzinfo=UTC)),
+        # Beyond microseconds: truncated, not rounded.
+        ("2026-11-24T00:15:03.1234567Z", datetime(2026, 11, 24, 0, 15, 3, 123456, tzinfo=UTC)),
+        ("2026-11-24T00:15:03.999999999Z", datetime(2026, 11, 24, 0, 15, 3, 999999, tzinfo=UTC)),
+        ("2026-11-24T00:15:03.000000001+01:00", datetime(2026, 11, 23, 23, 15, 3, tzinfo=UTC)),
+        ("2024-02-29T23:59:59Z", datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC)),
+    ],
+)
+def test_parse_time(text: str, expected: datetime) -> None:
+    parsed = parse_time(text)
+    assert parsed == expected
+    assert parsed.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-24 00:15:03Z",  # RFC 3339 allows a space, the protocol does not
+        "2026-11-24_00:15:03Z",
+        "2026-13-01T00:00:00Z",
+        "2026-00-01T00:00:00Z",
+        "2026-02-29T00:00:00Z",
+        "2026-11-31T00:00:00Z",
+        "2026-11-24T23:59:60Z",  # leap second: Python cannot hold it
+        "2026-11-24T24:00:00Z",
+        "2026-11-24T00:60:00Z",
+        "2026-11-24T00:15:03",
+        "2026-11-24",
+        "2026-11-24T00:15Z",
+        "2026-11-24T00:15:03.Z",
+        "2026-11-24T00:15:03.1234567890Z",
+        "2026-11-24T00:15:03+0200",
+        "2026-11-24T00:15:03+02",
+        "2026-11-24T00:15:03+24:00",
+        "2026-11-24T00:15:03UTC",
+        "2026-11-24T00:15:03ZZ",
+        " 2026-11-24T00:15:03Z",
+        "2026-11-24T00:15:03Z\n",
+        "+2026-11-24T00:15:03Z",
+        "20261124T001503Z",
+        "2026-W48-2T00:15:03Z",
+        "2026-328T00:15:03Z",
+        "0000-01-01T00:00:00Z",
+        "\u0662\u0660\u0662\u0666-11-24T00:15:03Z",  # Arabic-Indic digits match \d
+        "\uff12\uff10\uff12\uff16-11-24T00:15:03Z",  # fullwidth digits
+        "",
+    ],
+)
+def test_parse_time_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=r"RFC 3339|isoformat|must be|out of range|offset|day"):
+        parse_time(text)
+
+
+@pytest.mark.parametrize("text", ["2026-11-24T00:15:03+02:60", "2026-11-24T00:15:03+00:99"])
+def test_parse_time_rejects_offset_minutes_over_59(text: str) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        parse_time(text)
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_parse_time_out_of_range_after_offset_is_a_value_error(text: str) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        parse_time(text)
+
+
+def test_sent_out_of_range_after_offset_is_bad_body(fleet: Fleet) -> None:
+    payload = jws(fleet.signers["es-1"], make_body(sent="0001-01-01T00:00:00+01:00"))
+    assert rejected(payload, fleet.lookup()).reason == "bad_body"
+
+
+@pytest.mark.parametrize("where", ["reading-extra", "event-detail"])
+def test_deeply_nested_extra_is_bad_body_not_a_crash(fleet: Fleet, where: str) -> None:
+    # orjson cannot write 300 levels, so the nested value is spliced in as text.
+    deep = "[" * 300 + "]" * 300
+    body = (
+        make_body(readings=[reading(x="DEEP")])
+        if where == "reading-extra"
+        else make_body(events=[event(detail={"x": "DEEP"})])
+    )
+    raw = orjson.dumps(body).replace(b'"DEEP"', deep.encode())
+    exc = rejected(jws(fleet.signers["es-1"], raw), fleet.lookup())
+    assert exc.reason == "bad_body"
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC), "2026-11-24T00:15:03Z"),
+        (datetime(2026, 11, 24, 0, 15, 3, 250000, tzinfo=UTC), "2026-11-24T00:15:03.250Z"),
+        (datetime(2026, 11, 24, 0, 15, 3, 999, tzinfo=UTC), "2026-11-24T00:15:03.000Z"),
+        (datetime(2026, 11, 24, 2, 15, 3, tzinfo=timezone(timedelta(hours=2))), "2026-11-24T00:15:03Z"),
+        (datetime(2026, 11, 23, 19, 15, 3, tzinfo=timezone(timedelta(hours=-5))), "2026-11-24T00:15:03Z"),
+    ],
+)
+def test_format_time(value: datetime, text: str) -> None:
+    assert format_time(value) == text
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC),
+        datetime(2026, 11, 24, 0, 15, 3, 123000, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+    ],
+)
+def test_format_then_parse_round_trips(value: datetime) -> None:
+    assert parse_time(format_time(value)) == value
+
+
+# --- property: never anything but a Message or a Rejected -----------------------------
+
+TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | TEXT
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(TEXT, children, max_size=4),
+    max_leaves=12,
+)
+KIDS = st.sampled_from(["es-1", "ed-1", "ds-1", "rs-1", "ps-1", "es-2", "nobody"]) | TEXT
+B64_JSON = JSON_VALUES.map(lambda v: b64url_encode(orjson.dumps(v)))
+HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "alg": st.sampled_from([*ALGS, "none", "HS256"]) | JSON_SCALARS,
+        "kid": KIDS | JSON_SCALARS,
+        "crit": JSON_VALUES,
+        "typ": JSON_VALUES,
+    },
+).map(header64)
+MEMBER_VALUES = (
+    HEADERS
+    | B64_JSON
+    | st.binary(max_size=80).map(b64url_encode)
+    | TEXT
+    | JSON_SCALARS
+    | st.binary(max_size=40).map(lambda b: b64url_encode(b) + "=")
+)
+ENVELOPES = st.dictionaries(
+    st.sampled_from(["protected", "payload", "signature"]) | TEXT, MEMBER_VALUES, max_size=4
+).map(orjson.dumps)
+TIMES = (
+    st.datetimes(timezones=st.just(UTC)).map(format_time)
+    | st.sampled_from(["2026-11-24T00:15:03Z", "2026-11-24T00:25:03Z", "2026-11-24"])
+    | TEXT
+)
+READINGS = st.fixed_dictionaries(
+    {},
+    optional={
+        "t": TIMES | JSON_SCALARS,
+        "import_wh": st.integers(min_value=-1, max_value=2**64 - 1) | JSON_SCALARS,
+        "export_wh": st.integers(min_value=-1, max_value=2**64 - 1) | JSON_SCALARS,
+        "x": JSON_VALUES,
+    },
+)
+EVENTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "t": TIMES,
+        "code": st.sampled_from(["001", "002", "1", "0001"]) | TEXT | JSON_SCALARS,
+        "detail": JSON_VALUES,
+    },
+)
+BODIES = st.fixed_dictionaries(
+    {},
+    optional={
+        "v": st.just(1) | JSON_SCALARS,
+        "meter": st.sampled_from(["M1", "M2", "M 1"]) | TEXT | JSON_SCALARS,
+        "epoch": st.integers(min_value=-1, max_value=2**64 - 1) | JSON_SCALARS,
+        "seq": st.integers(min_value=-1, max_value=2**64 - 1) | JSON_SCALARS,
+        "sent": TIMES | JSON_SCALARS,
+        "replay": st.booleans() | JSON_SCALARS,
+        "readings": st.lists(READINGS | JSON_VALUES, max_size=4) | JSON_VALUES,
+        "events": st.lists(EVENTS | JSON_VALUES, max_size=4) | JSON_VALUES,
+        "other": JSON_VALUES,
+    },
+)
+
+
+def outcome(payload: bytes, keys: Lookup, topic: str = TOPIC) -> Message | Rejected:
+    try:
+        return check(payload, keys, topic=topic)
+    except Rejected as exc:
+        verdict = exc
+    assert verdict.reason in REJECT_REASONS
+    assert verdict.reason != "seq_conflict"  # needs the database: never raised here
+    return verdict
+
+
+_PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_PROPERTY
+@given(payload=st.binary(max_size=2000))
+def test_property_arbitrary_bytes(fleet: Fleet, payload: bytes) -> None:
+    assert isinstance(outcome(payload, fleet.lookup()), Rejected)
+
+
+@_PROPERTY
+@given(payload=ENVELOPES, topic=st.sampled_from([TOPIC, "meters/M2/up"]) | TEXT)
+def test_property_arbitrary_envelopes(fleet: Fleet, payload: bytes, topic: str) -> None:
+    outcome(payload, fleet.lookup(), topic)
+
+
+@_PROPERTY
+@given(body=BODIES | JSON_VALUES, kid=st.sampled_from(["es-1", "ed-1", "es-2"]))
+def test_property_arbitrary_signed_bodies(fleet: Fleet, body: object, kid: str) -> None:
+    payload = fleet.signers[kid].sign_body(orjson.dumps(body))
+    result = outcome(payload, fleet.lookup())
+    if isinstance(result, Message):
+        assert result.meter_id == "M1"
+        assert result.kid == kid
+        assert result.sent - NOW <= SKEW
+        assert all(0 <= r.import_wh <= MAX_INT64 for r in result.readings)
