@@ -59,7 +59,7 @@ test: deps lint
 demo: deps services
 	bash deploy/demo.sh
 
-bench: deps services
+bench: deps
 	$(BIN)/python bench/bench.py
 
 clean:
