@@ -94,6 +94,7 @@ class MqttLink:
         finally:
             if self._guard is not None:
                 self._guard.cancel()
+            self._on_state(False)  # noqa: FBT003 - the callback's one argument
 
     async def _reconnect_forever(self) -> None:
         delay = self._config.reconnect_initial_s
