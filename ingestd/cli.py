@@ -87,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("kid", metavar="KID")
 
+    gaps = commands.add_parser(
+        "gaps", parents=[common], help="list sequence gaps; 'gaps request' asks a meter to replay now"
+    )
+    gaps.add_argument("--meter", metavar="ID", help="only this meter")
+    gaps.add_argument(
+        "--status",
+        choices=("open", "requested", "filled", "lost", "active"),
+        help="only this status (active: open or requested)",
+    )
+    gaps.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    gaps_cmds = gaps.add_subparsers(dest="gaps_command", metavar="ACTION", parser_class=_Parser)
+    request = gaps_cmds.add_parser(
+        "request",
+        parents=[common],
+        help="ask a meter for its missing data now (e.g. after an antenna repair)",
+    )
+    request.add_argument("--meter", metavar="ID", required=True, dest="request_meter")
+
     keygen = commands.add_parser(
         "keygen", parents=[common], help="make a private key; print its public key (PEM)"
     )
@@ -218,6 +236,57 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
     return _run_async(revoke)
 
 
+def _cmd_gaps(config: Config, args: argparse.Namespace) -> int:
+    if args.gaps_command == "request":
+
+        async def request() -> int:
+            async with Store(config.database) as store:
+                count = await store.request_gaps_now(args.request_meter)
+            if count == 0:
+                raise UsageError(f"meter {args.request_meter!r} has no open or requested gaps")
+            print(
+                f"{count} gap(s) of {args.request_meter} due now; "
+                f"the daemon asks within {config.gaps.poll_s:g} s"
+            )
+            return EXIT_OK
+
+        return _run_async(request)
+
+    async def listing() -> int:
+        async with Store(config.database) as store:
+            rows = await store.list_gaps(meter_id=args.meter, status=args.status)
+        gaps = [
+            {
+                k: (v.isoformat() if hasattr(v, "isoformat") else str(v) if k == "request_id" and v else v)
+                for k, v in dict(r).items()
+            }
+            for r in rows
+        ]
+        if args.json:
+            print(orjson.dumps(gaps, option=orjson.OPT_INDENT_2).decode())
+        else:
+            _print_table(
+                ("METER", "EPOCH", "SEQS", "MISSING", "STATUS", "DETECTED", "ATTEMPTS", "NEXT REQUEST"),
+                [
+                    (
+                        g["meter_id"],
+                        str(g["epoch"]),
+                        f"{g['from_seq']}-{g['to_seq']}",
+                        str(int(g["to_seq"]) - int(g["from_seq"]) + 1),
+                        g["status"],
+                        g["detected_at"][:19],
+                        str(g["attempts"]),
+                        (g["next_request_at"] or "-")[:19] if g["status"] in {"open", "requested"} else "-",
+                    )
+                    for g in gaps
+                ],
+                empty="no gaps",
+            )
+        return EXIT_OK
+
+    return _run_async(listing)
+
+
 def _cmd_keygen(_config: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -245,6 +314,7 @@ _HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "run": _cmd_run,
     "meter": _cmd_meter,
     "keygen": _cmd_keygen,
+    "gaps": _cmd_gaps,
     "simulate": _cmd_simulate,
 }
 
@@ -269,16 +339,22 @@ def _positive_int(text: str) -> int:
 
 
 def _print_meter_table(meters: list[dict[str, Any]]) -> None:
-    if not meters:
-        print("no meters registered")
-        return
-    rows = [("METER", "SITE", "INTERVAL", "KEYS")]
+    rows = []
     for m in meters:
         keys = ", ".join(f"{k['kid']} {k['alg']}{' (revoked)' if k['revoked_at'] else ''}" for k in m["keys"])
         rows.append((m["meter_id"], m["site"] or "-", f"{m['interval_s']}s", keys or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
+    _print_table(("METER", "SITE", "INTERVAL", "KEYS"), rows, empty="no meters registered")
+
+
+def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], *, empty: str) -> None:
+    """Columns padded to their widest cell; the last one is not padded."""
+    if not rows:
+        print(empty)
+        return
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    for r in table:
+        print("  ".join([*(cell.ljust(w) for cell, w in zip(r, widths, strict=False)), r[-1]]))
 
 
 if __name__ == "__main__":

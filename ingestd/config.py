@@ -124,6 +124,44 @@ class IngestConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GapsConfig:
+    # A gap is acted on only after this long: out-of-order arrival is normal.
+    grace_s: float = 60.0
+    # Seqs per replay request; a longer outage becomes several requests.
+    max_range: int = 1000
+    # Unanswered requests are repeated after retry_initial_s, doubling up to retry_max_s.
+    retry_initial_s: float = 60.0
+    retry_max_s: float = 21600.0
+    # What a meter keeps in flash: an older gap is lost.
+    retention_days: float = 90.0
+    # How often due gaps are looked for, and how many are taken per round.
+    poll_s: float = 1.0
+    requests_per_round: int = 100
+
+    def validate(self) -> None:
+        _require_range("gaps.grace_s", self.grace_s, 0, 86400)
+        _require_range("gaps.max_range", self.max_range, 1, 1_000_000)
+        _require_range("gaps.retry_initial_s", self.retry_initial_s, 0.01, 86400)
+        _require_range("gaps.retry_max_s", self.retry_max_s, self.retry_initial_s, 30 * 86400)
+        _require_range("gaps.retention_days", self.retention_days, 0.001, 3650)
+        _require_range("gaps.poll_s", self.poll_s, 0.01, 3600)
+        _require_range("gaps.requests_per_round", self.requests_per_round, 1, 100000)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadendConfig:
+    # The head-end's private key (PEM), which signs replay requests so that a meter can
+    # refuse forged ones; `ingestd keygen` makes one. Empty: no replay requests are sent.
+    # The algorithm follows the key: EC P-256 ES256, Ed25519 EdDSA, RSA PS256, DSA DS256.
+    key_file: str = ""
+    kid: str = ""
+
+    def validate(self) -> None:
+        if bool(self.key_file) != bool(self.kid):
+            raise ConfigError("headend.kid", "key_file and kid go together")
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     # host:port of the Prometheus endpoint; empty disables it.
     addr: str = "127.0.0.1:9108"
@@ -151,6 +189,8 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    gaps: GapsConfig = field(default_factory=GapsConfig)
+    headend: HeadendConfig = field(default_factory=HeadendConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

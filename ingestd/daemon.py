@@ -14,15 +14,18 @@ import os
 import signal
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 
-from ingestd.config import Config
-from ingestd.errors import UsageError
+from ingestd.config import Config, HeadendConfig
+from ingestd.errors import ConfigError, KeyFileError, UsageError
+from ingestd.gaps import GapRequester
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
 from ingestd.pipeline import Pipeline
+from ingestd.signature import Signer, alg_for_key, load_private_key
 from ingestd.store import Store
 
 log = structlog.get_logger("ingestd.daemon")
@@ -45,7 +48,10 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.config
-        async with Store(cfg.database, quarantine_payload_max=cfg.ingest.quarantine_payload_max) as store:
+        signer = headend_signer(cfg.headend)
+        async with Store(
+            cfg.database, quarantine_payload_max=cfg.ingest.quarantine_payload_max, gaps=cfg.gaps
+        ) as store:
             pending = await store.pending_migrations()
             if pending:
                 raise UsageError(
@@ -70,6 +76,15 @@ class Daemon:
                 upstream=link,
                 now=self._now,
             )
+            requester = GapRequester(
+                store,
+                cfg.gaps,
+                signer=signer,
+                publish=link.publish,
+                topic_prefix=cfg.mqtt.topic_prefix,
+                metrics=self.metrics,
+                now=self._now,
+            )
             metrics_server = MetricsServer(self.metrics, cfg.metrics.addr)
             async with metrics_server, pipeline, store.key_changes(keyring.changed):
                 self.metrics_port = metrics_server.port
@@ -79,6 +94,7 @@ class Daemon:
                         tg.create_task(pipeline.run_writer(), name="write"),
                         tg.create_task(keyring.watch(cfg.ingest.key_refresh_s), name="keys"),
                         tg.create_task(link.run(), name="mqtt"),
+                        tg.create_task(requester.run(), name="gaps"),
                     ]
                     await link.wait_subscribed()
                     self.ready.set()
@@ -92,6 +108,21 @@ class Daemon:
                     for task in tasks:
                         task.cancel()
                 log.info("shutdown_complete", drained=drained)
+
+
+def headend_signer(config: HeadendConfig) -> Signer | None:
+    """The head-end's signer for replay requests, or None when no key is configured."""
+    if not config.key_file:
+        return None
+    try:
+        pem = Path(config.key_file).read_bytes()
+    except OSError as exc:
+        raise ConfigError("headend.key_file", f"cannot read {config.key_file}: {exc.strerror}") from None
+    try:
+        key = load_private_key(pem)
+    except KeyFileError as exc:
+        raise ConfigError("headend.key_file", str(exc)) from None
+    return Signer(alg_for_key(key), config.kid, key)
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

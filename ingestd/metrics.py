@@ -81,6 +81,26 @@ class Metrics:
         self.keys_loaded = Gauge(
             "ingestd_keys_loaded", "Meter keys held in the verifier's cache.", registry=r
         )
+        self.gaps_open = Gauge("ingestd_gaps_open", "Gaps open or requested (all instances).", registry=r)
+        self.gap_seqs_missing = Gauge(
+            "ingestd_gap_seqs_missing", "Seqs missing in open or requested gaps.", registry=r
+        )
+        self.gaps_detected = Counter(
+            "ingestd_gaps_detected", "Gaps opened (after splitting at gaps.max_range).", registry=r
+        )
+        self.gaps_filled = Counter("ingestd_gaps_filled", "Gaps filled completely.", registry=r)
+        self.gaps_lost = Counter(
+            "ingestd_gaps_lost", "Gaps (or parts) marked lost: event 010 or too old.", registry=r
+        )
+        self.replay_requests = Counter(
+            "ingestd_replay_requests", "Replay requests published to meters.", registry=r
+        )
+        self.gap_fill_seconds = Histogram(
+            "ingestd_gap_fill_seconds",
+            "Time from a gap's detection to its fill.",
+            buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400, 30 * 86400),
+            registry=r,
+        )
         for reason in REJECT_REASONS:
             # Present from the start at 0, so that rate() and alerts work before the first one.
             self.rejected.labels(reason=reason)

@@ -25,6 +25,7 @@ import structlog
 from ingestd.config import IngestConfig
 from ingestd.envelope import KeyLookup, check_message, topic_meter
 from ingestd.errors import Rejected
+from ingestd.gaps import record_gap_counts
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics
 from ingestd.mqtt import Delivery
@@ -195,6 +196,10 @@ class Pipeline:
             try:
                 with self._metrics.db_write_seconds.time():
                     result = await self._write(batch)
+            except asyncpg.TransactionRollbackError as exc:
+                # A deadlock or serialisation failure with another instance: try again now.
+                self._metrics.db_write_errors.inc()
+                log.info("db_write_retry", error=str(exc))
             except CONNECTION_ERRORS as exc:
                 self._metrics.db_write_errors.inc()
                 self._metrics.db_up.set(0)
@@ -209,7 +214,7 @@ class Pipeline:
         try:
             return await self._store.write_batch(batch.accepts, batch.rejects)
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, CONNECTION_ERRORS):
+            if isinstance(exc, (*CONNECTION_ERRORS, asyncpg.TransactionRollbackError)):
                 raise
             # The server refused the data itself. Find the message that it refuses, one at
             # a time, and quarantine it, rather than retrying the whole batch for ever.
@@ -251,6 +256,7 @@ class Pipeline:
         m.accepted.inc(len(result.accepted))
         m.duplicates.inc(result.duplicates + batch.repeats)
         m.readings_stored.inc(result.readings_stored)
+        record_gap_counts(m, result.gaps)
         for code, count in result.events_stored.items():
             m.events.labels(code=code).inc(count)
         for accept in result.accepted:

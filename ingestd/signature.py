@@ -148,6 +148,17 @@ class Signer:
         )
 
 
+def alg_for_key(key: PrivateKey) -> Alg:
+    """The algorithm a key of ours signs with (RSA: PSS, the modern of the two)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "ES256"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "PS256"
+    return "DS256"
+
+
 def generate_private_key(alg: Alg) -> PrivateKey:
     if alg == "ES256":
         return ec.generate_private_key(ec.SECP256R1())

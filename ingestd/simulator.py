@@ -25,17 +25,20 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import dsa
 
 from ingestd.config import Config
-from ingestd.envelope import format_time
-from ingestd.errors import UsageError
+from ingestd.envelope import format_time, parse_envelope
+from ingestd.errors import Rejected, UsageError
 from ingestd.signature import (
     ALGS,
     Alg,
     PrivateKey,
+    PublicKey,
     Signer,
+    alg_for_key,
     generate_private_key,
     load_private_key,
     private_key_pem,
     public_key_pem,
+    verify,
 )
 from ingestd.store import Store
 
@@ -43,6 +46,7 @@ log = structlog.get_logger("ingestd.simulator")
 
 POWER_LOSS = "001"
 POWER_RESTORED = "002"
+REPLAY_UNAVAILABLE = "010"
 
 
 @dataclass(slots=True)
@@ -60,10 +64,13 @@ class VirtualMeter:
     solar: bool = False
     power_lost: bool = False
     last_interval: datetime | None = None
-    flash: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    # Until then the meter has no connectivity: it meters into flash and publishes nothing.
+    offline_until: datetime | None = None
+    # What the meter created, by (epoch, seq): when, and the body (signed anew when sent).
+    flash: dict[tuple[int, int], tuple[datetime, dict[str, Any]]] = field(default_factory=dict)
 
     def next_body(self, now: datetime, rng: random.Random, *, event_rate: float = 0.0) -> dict[str, Any]:
-        """The next uplink body: one reading for the interval that just ended."""
+        """The next uplink body, kept in flash: one reading for the interval that just ended."""
         self.seq += 1
         # One reading per interval, never two for the same one, even when the simulation
         # runs faster than the metering interval.
@@ -78,6 +85,11 @@ class VirtualMeter:
         reading: dict[str, Any] = {"t": format_time(end), "import_wh": self.import_wh}
         if self.solar:
             reading["export_wh"] = self.export_wh
+        return self._body(now, readings=[reading], events=self._events(now, rng, event_rate))
+
+    def _body(
+        self, now: datetime, *, readings: list[dict[str, Any]], events: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "v": 1,
             "meter": self.meter_id,
@@ -85,17 +97,59 @@ class VirtualMeter:
             "seq": self.seq,
             "sent": format_time(now),
             "replay": False,
-            "readings": [reading],
+            "readings": readings,
         }
-        events = self._events(now, rng, event_rate)
         if events:
             body["events"] = events
+        self.flash[(self.epoch, self.seq)] = (now, body)
         return body
 
     def sign(self, body: dict[str, Any]) -> bytes:
-        payload = self.signer.sign_body(orjson.dumps(body))
-        self.flash[(body["epoch"], body["seq"])] = payload
-        return payload
+        return self.signer.sign_body(orjson.dumps(body))
+
+    def reset_epoch(self) -> None:
+        """A firmware reset: the sequence state is gone; a new epoch starts at seq 1."""
+        self.epoch += 1
+        self.seq = 0
+
+    def prune(self, now: datetime, retention: timedelta) -> None:
+        for key in [k for k, (created, _) in self.flash.items() if created < now - retention]:
+            del self.flash[key]
+
+    def answer_replay(
+        self, request: dict[str, Any], now: datetime, *, forget: float = 0.0, rng: random.Random | None = None
+    ) -> list[dict[str, Any]]:
+        """The bodies that answer a replay request: each stored message of the range again
+        (``replay`` true, ``sent`` now), and for what is not in flash one new message with
+        event 010 per missing range. ``forget`` drops that share of the range from flash
+        first (fault injection: answered with 010)."""
+        epoch, low, high = request["epoch"], request["from_seq"], request["to_seq"]
+        if forget and rng is not None and rng.random() < forget:
+            for seq in range(low, high + 1):
+                self.flash.pop((epoch, seq), None)
+        answers: list[dict[str, Any]] = []
+        missing: list[tuple[int, int]] = []
+        for seq in range(low, high + 1):
+            stored = self.flash.get((epoch, seq))
+            if stored is None:
+                if missing and missing[-1][1] == seq - 1:
+                    missing[-1] = (missing[-1][0], seq)
+                else:
+                    missing.append((seq, seq))
+                continue
+            answers.append(dict(stored[1], replay=True, sent=format_time(now)))
+        if missing:
+            self.seq += 1
+            events = [
+                {
+                    "t": format_time(now),
+                    "code": REPLAY_UNAVAILABLE,
+                    "detail": {"req": request["req"], "epoch": epoch, "from_seq": a, "to_seq": b},
+                }
+                for a, b in missing[:100]
+            ]
+            answers.append(self._body(now, readings=[], events=events))
+        return answers
 
     def _events(self, now: datetime, rng: random.Random, rate: float) -> list[dict[str, Any]]:
         if self.power_lost:
@@ -221,47 +275,173 @@ class FleetStats:
     published: int = 0
     readings: int = 0
     events: int = 0
+    dropped: int = 0
+    replayed: int = 0
+    requests: int = 0
+    forged_requests: int = 0
+    resets: int = 0
+    # Every replay request accepted: (meter, epoch, from_seq, to_seq, req).
+    request_log: list[tuple[str, int, int, int, str]] = field(default_factory=list)
 
 
-async def publish_fleet(
-    client: aiomqtt.Client,
-    fleet: Sequence[VirtualMeter],
-    *,
-    topic_prefix: str,
-    count: int,
-    interval_s: float,
-    event_rate: float,
-    seed: int,
-    stats: FleetStats,
-    stop: asyncio.Event,
-) -> None:
-    """Each meter publishes every ``interval_s`` (staggered), ``count`` times (0: until stopped)."""
-    rng = random.Random(seed)  # noqa: S311 - simulation, not security
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Fault injection, each a probability per message a meter creates (or per request)."""
 
-    async def meter_loop(meter: VirtualMeter, offset: float) -> None:
-        topic = f"{topic_prefix}/{meter.meter_id}/up"
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + offset
-        sent = 0
-        while not stop.is_set() and (count == 0 or sent < count):
-            delay = next_at - loop.time()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await stop.wait()
-                if stop.is_set():
-                    return
-            body = meter.next_body(datetime.now(UTC), rng, event_rate=event_rate)
-            await client.publish(topic, meter.sign(body), qos=1)
-            sent += 1
-            stats.published += 1
-            stats.readings += len(body["readings"])
-            stats.events += len(body.get("events", ()))
-            next_at += interval_s
+    drop: float = 0.0  # the uplink is lost on the way (the meter keeps it in flash)
+    offline: float = 0.0  # the meter loses connectivity for offline_s seconds
+    offline_s: float = 30.0
+    reset: float = 0.0  # firmware reset: a new epoch starting at seq 1
+    forget: float = 0.0  # a replay request is answered with 010 (the data is gone)
 
-    async with asyncio.TaskGroup() as tg:
-        for i, meter in enumerate(fleet):
-            tg.create_task(meter_loop(meter, interval_s * i / max(1, len(fleet))), name=meter.meter_id)
+
+@dataclass(frozen=True, slots=True)
+class HeadendKey:
+    """The head-end's public key, as meters are provisioned with it."""
+
+    kid: str
+    alg: Alg
+    key: PublicKey
+
+
+class Fleet:
+    """Virtual meters on one MQTT connection: they publish, lose things as told, and
+    answer the head-end's replay requests from their flash."""
+
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        meters: Sequence[VirtualMeter],
+        *,
+        topic_prefix: str,
+        headend: HeadendKey | None,
+        faults: Faults = Faults(),
+        seed: int = 1,
+        retention: timedelta = timedelta(days=90),
+        stats: FleetStats | None = None,
+    ) -> None:
+        self.client = client
+        self.meters = {m.meter_id: m for m in meters}
+        self.prefix = topic_prefix
+        self.headend = headend
+        self.faults = faults
+        self.retention = retention
+        self.stats = stats or FleetStats()
+        self.rng = random.Random(seed)  # noqa: S311 - simulation, not security
+
+    def up(self, meter: VirtualMeter) -> str:
+        return f"{self.prefix}/{meter.meter_id}/up"
+
+    def online(self, meter: VirtualMeter, now: datetime) -> bool:
+        return meter.offline_until is None or meter.offline_until <= now
+
+    async def tick(
+        self, meter: VirtualMeter, *, event_rate: float = 0.0, now: datetime | None = None
+    ) -> None:
+        """One metering interval of one meter: create a message and (maybe) publish it."""
+        now = now or datetime.now(UTC)
+        f, rng = self.faults, self.rng
+        if f.reset and rng.random() < f.reset:
+            meter.reset_epoch()
+            self.stats.resets += 1
+        if self.online(meter, now) and f.offline and rng.random() < f.offline:
+            meter.offline_until = now + timedelta(seconds=f.offline_s)
+        body = meter.next_body(now, rng, event_rate=event_rate)
+        meter.prune(now, self.retention)
+        if not self.online(meter, now) or (f.drop and rng.random() < f.drop):
+            self.stats.dropped += 1
+            return
+        await self.send(meter, body)
+
+    async def send(self, meter: VirtualMeter, body: dict[str, Any]) -> None:
+        await self.client.publish(self.up(meter), meter.sign(body), qos=1)
+        self.stats.published += 1
+        self.stats.readings += len(body["readings"])
+        self.stats.events += len(body.get("events", ()))
+        if body["replay"]:
+            self.stats.replayed += 1
+
+    async def serve_replays(self) -> None:
+        """Answer replay requests on {prefix}/+/down/replay until cancelled."""
+        await self.client.subscribe(f"{self.prefix}/+/down/replay", qos=1)
+        async for message in self.client.messages:
+            parts = str(message.topic).split("/")
+            meter = self.meters.get(parts[-3]) if len(parts) >= 3 else None
+            payload = message.payload
+            if meter is None or not isinstance(payload, bytes):
+                continue
+            now = datetime.now(UTC)
+            if not self.online(meter, now):
+                continue
+            request = self.verify_request(meter, payload)
+            if request is None:
+                self.stats.forged_requests += 1
+                log.warning("replay_request_refused", meter=meter.meter_id)
+                continue
+            self.stats.requests += 1
+            self.stats.request_log.append(
+                (meter.meter_id, request["epoch"], request["from_seq"], request["to_seq"], request["req"])
+            )
+            for body in meter.answer_replay(request, now, forget=self.faults.forget, rng=self.rng):
+                await self.send(meter, body)
+
+    def verify_request(self, meter: VirtualMeter, payload: bytes) -> dict[str, Any] | None:
+        """The request if the head-end signed it for this meter; None otherwise."""
+        if self.headend is None:
+            return None
+        try:
+            header = parse_envelope(payload)
+            request = orjson.loads(header.body)
+        except (Rejected, orjson.JSONDecodeError):
+            return None
+        if (
+            header.kid != self.headend.kid
+            or header.alg != self.headend.alg
+            or not verify(header.alg, self.headend.key, header.signature, header.signing_input)
+            or not isinstance(request, dict)
+            or request.get("v") != 1
+            or request.get("meter") != meter.meter_id
+        ):
+            return None
+        epoch, low, high = request.get("epoch"), request.get("from_seq"), request.get("to_seq")
+        if (
+            not (isinstance(epoch, int) and isinstance(low, int) and isinstance(high, int))
+            or not 1 <= low <= high
+        ):
+            return None
+        return request
+
+    async def run(self, *, count: int, interval_s: float, event_rate: float, stop: asyncio.Event) -> None:
+        """Each meter ticks every ``interval_s`` (staggered), ``count`` times (0: until stopped)."""
+
+        async def meter_loop(meter: VirtualMeter, offset: float) -> None:
+            loop = asyncio.get_running_loop()
+            next_at = loop.time() + offset
+            ticks = 0
+            while not stop.is_set() and (count == 0 or ticks < count):
+                delay = next_at - loop.time()
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await stop.wait()
+                    if stop.is_set():
+                        return
+                await self.tick(meter, event_rate=event_rate)
+                ticks += 1
+                next_at += interval_s
+
+        meters = list(self.meters.values())
+        async with asyncio.TaskGroup() as tg:
+            for i, meter in enumerate(meters):
+                tg.create_task(meter_loop(meter, interval_s * i / max(1, len(meters))), name=meter.meter_id)
+
+
+def headend_key_from_config(config: Config) -> HeadendKey | None:
+    """What meters are provisioned with: the public half of the configured head-end key."""
+    if not config.headend.key_file:
+        return None
+    key = load_private_key(Path(config.headend.key_file).read_bytes())
+    return HeadendKey(config.headend.kid, alg_for_key(key), key.public_key())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -302,6 +482,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-register", action="store_true", help="do not register the meters in the database"
     )
+    faults = parser.add_argument_group("fault injection (probabilities from 0 to 1)")
+    faults.add_argument(
+        "--drop", type=float, default=0.0, metavar="P", help="uplink messages lost on the way"
+    )
+    faults.add_argument(
+        "--offline", type=float, default=0.0, metavar="P", help="per message: the meter goes offline"
+    )
+    faults.add_argument(
+        "--offline-for", type=float, default=30.0, metavar="SECONDS", help="how long it stays offline"
+    )
+    faults.add_argument(
+        "--reset", type=float, default=0.0, metavar="P", help="per message: firmware reset (new epoch)"
+    )
+    faults.add_argument(
+        "--forget", type=float, default=0.0, metavar="P", help="per replay request: answer 010 (data gone)"
+    )
 
 
 async def run_from_args(config: Config, args: argparse.Namespace) -> int:
@@ -313,8 +509,10 @@ async def run_from_args(config: Config, args: argparse.Namespace) -> int:
         raise UsageError(f"--meters must be at least 1, got {args.meters}")
     if args.interval <= 0:
         raise UsageError(f"--interval must be greater than 0, got {args.interval}")
-    if not 0 <= args.event_rate <= 1:
-        raise UsageError(f"--event-rate must be between 0 and 1, got {args.event_rate}")
+    for name in ("event_rate", "drop", "offline", "reset", "forget"):
+        if not 0 <= getattr(args, name) <= 1:
+            option = "--" + name.replace("_", "-")
+            raise UsageError(f"{option} must be between 0 and 1, got {getattr(args, name)}")
     state_dir = Path(args.state)
     started = time.monotonic()
     fleet = build_fleet(
@@ -342,28 +540,31 @@ async def run_from_args(config: Config, args: argparse.Namespace) -> int:
             protocol=aiomqtt.ProtocolVersion.V5,
             max_inflight_messages=1000,
         ) as client:
+            meters = Fleet(
+                client,
+                fleet,
+                topic_prefix=cfg.topic_prefix,
+                headend=headend_key_from_config(config),
+                faults=Faults(args.drop, args.offline, args.offline_for, args.reset, args.forget),
+                seed=args.seed,
+                stats=stats,
+            )
             reporter = asyncio.create_task(_report(stats, stop), name="report")
+            replays = asyncio.create_task(meters.serve_replays(), name="replays")
             try:
-                await publish_fleet(
-                    client,
-                    fleet,
-                    topic_prefix=cfg.topic_prefix,
-                    count=args.count,
-                    interval_s=args.interval,
-                    event_rate=args.event_rate,
-                    seed=args.seed,
-                    stats=stats,
-                    stop=stop,
+                await meters.run(
+                    count=args.count, interval_s=args.interval, event_rate=args.event_rate, stop=stop
                 )
             finally:
                 stop.set()
+                replays.cancel()
                 await reporter
     except aiomqtt.MqttError as exc:
         log.error("simulator_broker_error", error=str(exc))  # noqa: TRY400 - one line suffices
         return 1
     finally:
         save_state(fleet, state_dir)
-    log.info("simulator_done", published=stats.published, readings=stats.readings, events=stats.events)
+    log.info("simulator_done", **_summary(stats))
     return 0
 
 
@@ -373,6 +574,16 @@ async def _report(stats: FleetStats, stop: asyncio.Event, every_s: float = 10.0)
             async with asyncio.timeout(every_s):
                 await stop.wait()
         except TimeoutError:
-            log.info(
-                "simulator_progress", published=stats.published, readings=stats.readings, events=stats.events
-            )
+            log.info("simulator_progress", **_summary(stats))
+
+
+def _summary(stats: FleetStats) -> dict[str, int]:
+    return {
+        "published": stats.published,
+        "readings": stats.readings,
+        "events": stats.events,
+        "dropped": stats.dropped,
+        "replay_requests": stats.requests,
+        "replayed": stats.replayed,
+        "forged_requests": stats.forged_requests,
+    }

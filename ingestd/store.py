@@ -12,7 +12,7 @@ import collections
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from types import TracebackType
@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import asyncpg
 import orjson
 
-from ingestd.config import DatabaseConfig, read_secret
+from ingestd.config import DatabaseConfig, GapsConfig, read_secret
 from ingestd.envelope import Message, MeterKey
 from ingestd.errors import RejectReason, ServiceUnavailable, UsageError
+from ingestd.gaps import GapCounts, seen_from, track_seqs
 from ingestd.signature import Alg, is_alg, load_public_key
 
 KEYS_CHANNEL: Final = "ingestd_keys"
@@ -81,6 +82,7 @@ class BatchResult:
     readings_stored: int
     # Event rows inserted, by code.
     events_stored: collections.Counter[str]
+    gaps: GapCounts = field(default_factory=GapCounts)
 
     def plus(self, other: BatchResult) -> BatchResult:
         return BatchResult(
@@ -89,6 +91,7 @@ class BatchResult:
             [*self.late_rejects, *other.late_rejects],
             self.readings_stored + other.readings_stored,
             self.events_stored + other.events_stored,
+            self.gaps.plus(other.gaps),
         )
 
 
@@ -131,9 +134,16 @@ def connect_kwargs(config: DatabaseConfig) -> dict[str, Any]:
 class Store:
     """The database, as an async context manager owning a connection pool."""
 
-    def __init__(self, config: DatabaseConfig, *, quarantine_payload_max: int = 4096) -> None:
+    def __init__(
+        self,
+        config: DatabaseConfig,
+        *,
+        quarantine_payload_max: int = 4096,
+        gaps: GapsConfig | None = None,
+    ) -> None:
         self._config = config
         self._quarantine_max = quarantine_payload_max
+        self._gaps = gaps or GapsConfig()
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
 
     async def __aenter__(self) -> Self:
@@ -280,6 +290,31 @@ class Store:
                    GROUP BY m.meter_id ORDER BY m.meter_id"""
             )
 
+    async def list_gaps(
+        self, *, meter_id: str | None = None, status: str | None = None
+    ) -> list[asyncpg.Record]:
+        statuses = ["open", "requested"] if status == "active" else [status] if status else None
+        async with self.connection() as conn:
+            return await conn.fetch(
+                """SELECT meter_id, epoch, from_seq, to_seq, status, detected_at, last_request_at,
+                          next_request_at, attempts, request_id, closed_at
+                   FROM gaps
+                   WHERE ($1::text IS NULL OR meter_id = $1) AND ($2::text[] IS NULL OR status = ANY($2))
+                   ORDER BY meter_id, epoch, from_seq""",
+                meter_id,
+                statuses,
+            )
+
+    async def request_gaps_now(self, meter_id: str) -> int:
+        """Make a meter's active gaps due at once; returns how many."""
+        async with self.connection() as conn:
+            status = await conn.execute(
+                """UPDATE gaps SET next_request_at = now()
+                   WHERE meter_id = $1 AND status IN ('open', 'requested')""",
+                meter_id,
+            )
+        return _row_count(status)
+
     async def load_keys(self, kids: Sequence[str] | None = None) -> list[MeterKey]:
         """Registered keys (all, or those named); a key that no longer parses is skipped."""
         query = "SELECT kid, meter_id, alg, public_key, valid_from, valid_until, revoked_at FROM meter_keys"
@@ -325,23 +360,30 @@ class Store:
 
     # -- the batch write --------------------------------------------------------------
 
-    async def write_batch(self, accepts: Sequence[Accept], rejects: Sequence[Reject]) -> BatchResult:
+    async def write_batch(
+        self, accepts: Sequence[Accept], rejects: Sequence[Reject], *, now: datetime | None = None
+    ) -> BatchResult:
         """Store a batch in one transaction; duplicates are recognised, not stored again.
+        The same transaction advances sequence tracking: gaps open, fill and are lost.
 
         ``accepts`` must hold each (meter, epoch, seq) once; the caller resolves repeats
         within a batch, since only it sees the order of arrival.
         """
+        now = now or utcnow()
         async with self.connection() as conn, conn.transaction():
             new, duplicates, conflicts = await self._claim_seqs(conn, accepts)
             readings, events = await self._insert_data(conn, new)
             await self._insert_quarantine(conn, [*rejects, *conflicts])
-        return BatchResult(new, duplicates, conflicts, readings, events)
+            gap_counts = await track_seqs(
+                conn, seen_from(new, duplicates, lambda a: a.received_at), now=now, config=self._gaps
+            )
+        return BatchResult(new, len(duplicates), conflicts, readings, events, gap_counts)
 
     async def _claim_seqs(
         self, conn: PoolConnection, accepts: Sequence[Accept]
-    ) -> tuple[list[Accept], int, list[Reject]]:
+    ) -> tuple[list[Accept], list[Accept], list[Reject]]:
         if not accepts:
-            return [], 0, []
+            return [], [], []
         rows = await conn.fetch(
             """WITH input AS (
                    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[],
@@ -378,7 +420,7 @@ class Store:
             ):
                 stored[(r["meter_id"], r["epoch"], r["seq"])] = r["digest"]
         new: list[Accept] = []
-        duplicates = 0
+        duplicates: list[Accept] = []
         conflicts: list[Reject] = []
         for accept in accepts:
             m = accept.message
@@ -386,7 +428,7 @@ class Store:
             if verdicts[key]["new"]:
                 new.append(accept)
             elif stored.get(key) == m.digest:
-                duplicates += 1
+                duplicates.append(accept)
             else:
                 conflicts.append(seq_conflict(accept))
         return new, duplicates, conflicts

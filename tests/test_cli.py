@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ingestd.signature import ALGS, Alg, load_private_key, load_public_key, public_key_pem
+from ingestd.store import migrations
 from services import PostgresServer, free_port
 
 # asyncpg's classes are generic only in its stubs.
@@ -142,7 +143,8 @@ async def test_migrate_fresh_database_then_again(pg_server: PostgresServer) -> N
 
     first = await aingestd("migrate", env=env)
     assert_ok(first)
-    assert "applied 0001_initial" in first.stdout.splitlines(), describe(first)
+    expected = [f"applied {m.version:04d}_{m.name}" for m in migrations()]
+    assert first.stdout.splitlines() == expected, describe(first)
 
     second = await aingestd("migrate", env=env)
     assert_ok(second)
@@ -155,7 +157,7 @@ async def test_migrate_fresh_database_then_again(pg_server: PostgresServer) -> N
     finally:
         await conn.close()
     assert {"readings", "events", "raw_messages"} <= {r["hypertable_name"] for r in rows}
-    assert [r["version"] for r in versions] == [1]
+    assert [r["version"] for r in versions] == [m.version for m in migrations()]
 
 
 def test_migrate_database_unreachable_exits_1() -> None:

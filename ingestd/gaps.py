@@ -1,0 +1,493 @@
+"""Sequence gaps: detection at write time, replay requests, fill and loss.
+
+The database is the only state: the ledger ``message_seqs`` says which seqs are held, the
+``gaps`` table which ranges are being chased. Detection and filling happen inside the
+batch transaction (``track_seqs``); requests are sent by ``GapRequester``, which takes due
+gaps with ``FOR UPDATE SKIP LOCKED``, so that with several ingestd instances on one shared
+subscription exactly one of them asks for a given gap, and which re-checks the ledger
+before every request, so that a gap filled by another instance is never asked for again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import structlog
+
+from ingestd.envelope import format_time
+from ingestd.signature import Signer
+
+if TYPE_CHECKING:
+    from ingestd.config import GapsConfig
+    from ingestd.metrics import Metrics
+    from ingestd.store import PoolConnection, Store
+
+log = structlog.get_logger("ingestd.gaps")
+
+REPLAY_UNAVAILABLE: Final = "010"
+ACTIVE: Final = ("open", "requested")
+
+Range = tuple[int, int]
+
+
+def missing_ranges(low: int, high: int, present: Iterable[int]) -> list[Range]:
+    """The sub-ranges of [low, high] not in ``present``, in order."""
+    ranges: list[Range] = []
+    start = low
+    for seq in sorted({s for s in present if low <= s <= high}):
+        if seq > start:
+            ranges.append((start, seq - 1))
+        start = seq + 1
+    if start <= high:
+        ranges.append((start, high))
+    return ranges
+
+
+def new_gaps(previous_max: int, seqs: Iterable[int]) -> list[Range]:
+    """Ranges skipped by seqs beyond ``previous_max`` (0: nothing seen of this epoch yet)."""
+    ranges: list[Range] = []
+    expected = previous_max + 1
+    for seq in sorted({s for s in seqs if s > previous_max}):
+        if seq > expected:
+            ranges.append((expected, seq - 1))
+        expected = seq + 1
+    return ranges
+
+
+def chunks(rng: Range, size: int) -> list[Range]:
+    """Split a range into ranges of at most ``size`` seqs (one replay request each)."""
+    low, high = rng
+    return [(a, min(a + size - 1, high)) for a in range(low, high + 1, size)]
+
+
+def subtract(rng: Range, remove: Range) -> tuple[list[Range], Range | None]:
+    """``rng`` without ``remove``: (what remains, the overlap or None)."""
+    low, high = rng
+    a, b = max(low, remove[0]), min(high, remove[1])
+    if a > b:
+        return [rng], None
+    rest = [r for r in ((low, a - 1), (b + 1, high)) if r[0] <= r[1]]
+    return rest, (a, b)
+
+
+def backoff(attempts: int, config: GapsConfig, rng: random.Random) -> float:
+    """Seconds until the next request: exponential, capped, with jitter (50-100 %)."""
+    delay: float = min(config.retry_max_s, config.retry_initial_s * 2 ** max(0, attempts - 1))
+    return delay * rng.uniform(0.5, 1.0)
+
+
+@dataclass(slots=True)
+class GapCounts:
+    """Transitions made by one transaction, for the metrics after its commit."""
+
+    detected: int = 0
+    filled: int = 0
+    lost: int = 0
+    requests: int = 0
+    fill_seconds: list[float] | None = None
+
+    def add_fill(self, seconds: float) -> None:
+        self.filled += 1
+        if self.fill_seconds is None:
+            self.fill_seconds = []
+        self.fill_seconds.append(seconds)
+
+    def plus(self, other: GapCounts) -> GapCounts:
+        return GapCounts(
+            self.detected + other.detected,
+            self.filled + other.filled,
+            self.lost + other.lost,
+            self.requests + other.requests,
+            [*(self.fill_seconds or ()), *(other.fill_seconds or ())] or None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What one batch tells about one (meter, epoch)."""
+
+    new_seqs: list[int]
+    last_seen: datetime
+    # Ranges the meter said it no longer holds (event 010), already validated.
+    unavailable: list[Range]
+
+
+async def track_seqs(
+    conn: PoolConnection,
+    seen: dict[tuple[str, int], Seen],
+    *,
+    now: datetime,
+    config: GapsConfig,
+) -> GapCounts:
+    """Inside the batch transaction: advance each (meter, epoch)'s high-water mark, open
+    gaps for skipped seqs, fill gaps with late arrivals, mark ranges lost on event 010,
+    and wake gaps that were waiting to hear from their meter."""
+    counts = GapCounts()
+    if not seen:
+        return counts
+    keys = sorted(seen)
+    meters = [k[0] for k in keys]
+    epochs = [k[1] for k in keys]
+    # Lock order is the sorted key order, in every instance: no deadlocks between them.
+    # A placeholder row first, so that two instances seeing a new epoch at once serialise
+    # on it instead of both opening a gap from seq 1.
+    await conn.execute(
+        """INSERT INTO meter_epochs (meter_id, epoch, max_seq, first_seen_at, last_seen_at)
+           SELECT m, e, 0, $3, $3 FROM unnest($1::text[], $2::bigint[]) AS t(m, e)
+           ON CONFLICT DO NOTHING""",
+        meters,
+        epochs,
+        now,
+    )
+    rows = await conn.fetch(
+        """SELECT meter_id, epoch, max_seq FROM meter_epochs
+           WHERE (meter_id, epoch) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))
+           ORDER BY meter_id, epoch FOR UPDATE""",
+        meters,
+        epochs,
+    )
+    previous = {(r["meter_id"], r["epoch"]): r["max_seq"] for r in rows}
+    detected: list[tuple[str, int, int, int]] = []
+    late: dict[tuple[str, int], list[int]] = {}
+    for key in keys:
+        prev = previous.get(key, 0)
+        for gap in new_gaps(prev, seen[key].new_seqs):
+            detected.extend((key[0], key[1], a, b) for a, b in chunks(gap, config.max_range))
+        below = [s for s in seen[key].new_seqs if s <= prev]
+        if below:
+            late[key] = below
+    await conn.execute(
+        """UPDATE meter_epochs AS me
+           SET max_seq = GREATEST(me.max_seq, t.max_seq), last_seen_at = GREATEST(me.last_seen_at, t.seen)
+           FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS t(m, e, max_seq, seen)
+           WHERE me.meter_id = t.m AND me.epoch = t.e""",
+        meters,
+        epochs,
+        [max(seen[k].new_seqs, default=0) for k in keys],
+        [seen[k].last_seen for k in keys],
+    )
+    if detected:
+        await conn.execute(
+            """INSERT INTO gaps (meter_id, epoch, from_seq, to_seq, status, detected_at, next_request_at)
+               SELECT m, e, a, b, 'open', $5, $6
+               FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(m, e, a, b)""",
+            [d[0] for d in detected],
+            [d[1] for d in detected],
+            [d[2] for d in detected],
+            [d[3] for d in detected],
+            now,
+            now + timedelta(seconds=config.grace_s),
+        )
+        counts.detected += len(detected)
+    for key, seqs in late.items():
+        counts = counts.plus(await _fill(conn, key, seqs, now))
+    for key in keys:
+        for rng in seen[key].unavailable:
+            counts = counts.plus(await _mark_lost(conn, key, rng, now))
+    # A meter that did not answer is not asked again until it is heard from: now it is.
+    await conn.execute(
+        """UPDATE gaps SET next_request_at = $2
+           WHERE meter_id = ANY($1::text[]) AND status = 'requested' AND next_request_at IS NULL""",
+        sorted(set(meters)),
+        now,
+    )
+    return counts
+
+
+async def _active_overlapping(conn: PoolConnection, key: tuple[str, int], low: int, high: int) -> list[Any]:
+    return await conn.fetch(
+        """SELECT * FROM gaps
+           WHERE meter_id = $1 AND epoch = $2 AND status IN ('open', 'requested')
+             AND from_seq <= $4 AND to_seq >= $3
+           ORDER BY from_seq FOR UPDATE""",
+        key[0],
+        key[1],
+        low,
+        high,
+    )
+
+
+async def _fill(conn: PoolConnection, key: tuple[str, int], seqs: list[int], now: datetime) -> GapCounts:
+    """Late arrivals shrink, split or close the gaps that contain them."""
+    counts = GapCounts()
+    for gap in await _active_overlapping(conn, key, min(seqs), max(seqs)):
+        remaining = missing_ranges(gap["from_seq"], gap["to_seq"], seqs)
+        if remaining == [(gap["from_seq"], gap["to_seq"])]:
+            continue
+        if not remaining:
+            await _close(conn, gap["id"], "filled", now)
+            counts.add_fill((now - gap["detected_at"]).total_seconds())
+            continue
+        await _reshape(conn, gap, remaining)
+    return counts
+
+
+async def _mark_lost(conn: PoolConnection, key: tuple[str, int], rng: Range, now: datetime) -> GapCounts:
+    """The meter no longer holds ``rng``: that part of any gap becomes ``lost`` at once."""
+    counts = GapCounts()
+    for gap in await _active_overlapping(conn, key, rng[0], rng[1]):
+        rest, overlap = subtract((gap["from_seq"], gap["to_seq"]), rng)
+        if overlap is None:
+            continue
+        if rest:
+            await _reshape(conn, gap, rest)
+            await conn.execute(
+                """INSERT INTO gaps (meter_id, epoch, from_seq, to_seq, status, detected_at,
+                                     last_request_at, attempts, request_id, closed_at)
+                   VALUES ($1, $2, $3, $4, 'lost', $5, $6, $7, $8, $9)""",
+                gap["meter_id"],
+                gap["epoch"],
+                overlap[0],
+                overlap[1],
+                gap["detected_at"],
+                gap["last_request_at"],
+                gap["attempts"],
+                gap["request_id"],
+                now,
+            )
+        else:
+            await _close(conn, gap["id"], "lost", now)
+        counts.lost += 1
+    return counts
+
+
+async def _close(conn: PoolConnection, gap_id: int, status: str, now: datetime) -> None:
+    await conn.execute(
+        "UPDATE gaps SET status = $2, closed_at = $3, next_request_at = NULL WHERE id = $1",
+        gap_id,
+        status,
+        now,
+    )
+
+
+async def _reshape(conn: PoolConnection, gap: Any, ranges: Sequence[Range]) -> None:  # noqa: ANN401
+    """The gap row keeps the first range; each further range becomes a copy of it."""
+    await conn.execute(
+        "UPDATE gaps SET from_seq = $2, to_seq = $3 WHERE id = $1", gap["id"], ranges[0][0], ranges[0][1]
+    )
+    for low, high in ranges[1:]:
+        await conn.execute(
+            """INSERT INTO gaps (meter_id, epoch, from_seq, to_seq, status, detected_at,
+                                 last_request_at, next_request_at, attempts, request_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+            gap["meter_id"],
+            gap["epoch"],
+            low,
+            high,
+            gap["status"],
+            gap["detected_at"],
+            gap["last_request_at"],
+            gap["next_request_at"],
+            gap["attempts"],
+            gap["request_id"],
+        )
+
+
+def unavailable_ranges(events: Iterable[Any], epoch_of_message: int) -> list[tuple[int, Range]]:
+    """(epoch, range) pairs from 010 events; malformed details are ignored (and logged)."""
+    found: list[tuple[int, Range]] = []
+    for event in events:
+        if event.code != REPLAY_UNAVAILABLE:
+            continue
+        detail = event.detail
+        epoch, low, high = detail.get("epoch", epoch_of_message), detail.get("from_seq"), detail.get("to_seq")
+        if all(type(v) is int for v in (epoch, low, high)) and epoch >= 0 and 1 <= low <= high:
+            found.append((epoch, (low, high)))
+        else:
+            log.warning("replay_unavailable_malformed", detail=detail)
+    return found
+
+
+def replay_topic(prefix: str, meter_id: str) -> str:
+    return f"{prefix}/{meter_id}/down/replay"
+
+
+def replay_request(meter_id: str, req: uuid.UUID, epoch: int, rng: Range, sent: datetime) -> bytes:
+    return orjson.dumps(
+        {
+            "v": 1,
+            "meter": meter_id,
+            "req": str(req),
+            "epoch": epoch,
+            "from_seq": rng[0],
+            "to_seq": rng[1],
+            "sent": format_time(sent),
+        }
+    )
+
+
+class GapRequester:
+    """Sends replay requests for due gaps; one of the daemon's tasks."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: GapsConfig,
+        *,
+        signer: Signer | None,
+        publish: Callable[[str, bytes], Any],
+        topic_prefix: str,
+        metrics: Metrics,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._signer = signer
+        self._publish = publish
+        self._prefix = topic_prefix
+        self._metrics = metrics
+        self._now = now
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+
+    async def run(self) -> None:
+        if self._signer is None:
+            log.warning("replay_requests_disabled", reason="headend.key_file is not set")
+        while True:
+            try:
+                await self.run_once()
+                await self.refresh_gauges()
+            except Exception as exc:  # noqa: BLE001 - keep chasing gaps whatever one round hit
+                log.warning("gap_round_failed", error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(self._config.poll_s)
+
+    async def refresh_gauges(self) -> None:
+        async with self._store.connection() as conn:
+            row = await conn.fetchrow(
+                """SELECT count(*) AS open, COALESCE(sum(to_seq - from_seq + 1), 0) AS missing
+                   FROM gaps WHERE status IN ('open', 'requested')"""
+            )
+        assert row is not None
+        self._metrics.gaps_open.set(row["open"])
+        self._metrics.gap_seqs_missing.set(row["missing"])
+
+    async def run_once(self, *, meter_id: str | None = None) -> GapCounts:
+        """One round: every due gap is expired, found filled, or asked for."""
+        now = self._now()
+        counts = GapCounts()
+        async with self._store.connection() as conn, conn.transaction():
+            due = await conn.fetch(
+                """SELECT * FROM gaps
+                   WHERE status IN ('open', 'requested') AND next_request_at <= $1
+                     AND ($2::text IS NULL OR meter_id = $2)
+                   ORDER BY next_request_at LIMIT $3 FOR UPDATE SKIP LOCKED""",
+                now,
+                meter_id,
+                self._config.requests_per_round,
+            )
+            retention = timedelta(days=self._config.retention_days)
+            for gap in due:
+                key = (gap["meter_id"], gap["epoch"])
+                if gap["detected_at"] < now - retention:
+                    await _close(conn, gap["id"], "lost", now)
+                    counts.lost += 1
+                    continue
+                held = [
+                    r["seq"]
+                    for r in await conn.fetch(
+                        """SELECT seq FROM message_seqs
+                           WHERE meter_id = $1 AND epoch = $2 AND seq BETWEEN $3 AND $4""",
+                        key[0],
+                        key[1],
+                        gap["from_seq"],
+                        gap["to_seq"],
+                    )
+                ]
+                if held:
+                    # Filled meanwhile, perhaps through another instance: never ask twice.
+                    counts = counts.plus(await _fill(conn, key, held, now))
+                    remaining = missing_ranges(gap["from_seq"], gap["to_seq"], held)
+                    if not remaining:
+                        continue
+                    low, high = remaining[0]
+                else:
+                    low, high = gap["from_seq"], gap["to_seq"]
+                if self._signer is None:
+                    continue
+                counts.requests += await self._request(conn, gap, (low, high), now)
+        self._count(counts)
+        return counts
+
+    async def _request(self, conn: PoolConnection, gap: Any, rng: Range, now: datetime) -> int:  # noqa: ANN401
+        assert self._signer is not None
+        last_seen = await conn.fetchval(
+            "SELECT last_seen_at FROM meter_epochs WHERE meter_id = $1 AND epoch = $2",
+            gap["meter_id"],
+            gap["epoch"],
+        )
+        if (
+            gap["attempts"] > 0
+            and gap["last_request_at"] is not None
+            and (last_seen is None or last_seen < gap["last_request_at"])
+        ):
+            # Not heard from since we last asked: offline, most likely. Wait for it
+            # (track_seqs wakes the gap when the meter next speaks) instead of hammering.
+            await conn.execute("UPDATE gaps SET next_request_at = NULL WHERE id = $1", gap["id"])
+            return 0
+        req = uuid.uuid4()
+        body = replay_request(gap["meter_id"], req, gap["epoch"], rng, now)
+        # Published before the commit: if the commit then fails, the request is repeated,
+        # which a meter answers twice at worst; the reverse order could lose it.
+        await self._publish(replay_topic(self._prefix, gap["meter_id"]), self._signer.sign_body(body))
+        attempts = gap["attempts"] + 1
+        await conn.execute(
+            """UPDATE gaps SET status = 'requested', attempts = $2, last_request_at = $3,
+                               next_request_at = $4, request_id = $5 WHERE id = $1""",
+            gap["id"],
+            attempts,
+            now,
+            now + timedelta(seconds=backoff(attempts, self._config, self._rng)),
+            req,
+        )
+        log.info(
+            "replay_requested",
+            meter=gap["meter_id"],
+            epoch=gap["epoch"],
+            from_seq=rng[0],
+            to_seq=rng[1],
+            attempt=attempts,
+        )
+        return 1
+
+    def _count(self, counts: GapCounts) -> None:
+        record_gap_counts(self._metrics, counts)
+
+
+def record_gap_counts(metrics: Metrics, counts: GapCounts) -> None:
+    metrics.gaps_detected.inc(counts.detected)
+    metrics.gaps_filled.inc(counts.filled)
+    metrics.gaps_lost.inc(counts.lost)
+    metrics.replay_requests.inc(counts.requests)
+    for seconds in counts.fill_seconds or ():
+        metrics.gap_fill_seconds.observe(seconds)
+
+
+def seen_from(
+    accepted: Iterable[Any], duplicates: Iterable[Any], received_at: Callable[[Any], datetime]
+) -> dict[tuple[str, int], Seen]:
+    """Group a batch's valid messages by (meter, epoch) for ``track_seqs``."""
+    new: dict[tuple[str, int], list[int]] = defaultdict(list)
+    last: dict[tuple[str, int], datetime] = {}
+    unavailable: dict[tuple[str, int], list[Range]] = defaultdict(list)
+    for accept, is_new in [*((a, True) for a in accepted), *((d, False) for d in duplicates)]:
+        m = accept.message
+        key = (m.meter_id, m.epoch)
+        if is_new:
+            new[key].append(m.seq)
+            for epoch, rng in unavailable_ranges(m.events, m.epoch):
+                unavailable[(m.meter_id, epoch)].append(rng)
+        when = received_at(accept)
+        last[key] = max(last.get(key, when), when)
+    keys = set(last) | set(unavailable)
+    return {
+        k: Seen(new.get(k, []), last.get(k, datetime.min.replace(tzinfo=UTC)), unavailable.get(k, []))
+        for k in keys
+    }
