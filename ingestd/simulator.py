@@ -279,6 +279,8 @@ class FleetStats:
     replayed: int = 0
     requests: int = 0
     forged_requests: int = 0
+    # Requests that reached a meter while it was offline (it never saw them).
+    unreachable_requests: int = 0
     resets: int = 0
     # Every replay request accepted: (meter, epoch, from_seq, to_seq, req).
     request_log: list[tuple[str, int, int, int, str]] = field(default_factory=list)
@@ -372,6 +374,7 @@ class Fleet:
                 continue
             now = datetime.now(UTC)
             if not self.online(meter, now):
+                self.stats.unreachable_requests += 1
                 continue
             request = self.verify_request(meter, payload)
             if request is None:
