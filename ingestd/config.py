@@ -155,8 +155,12 @@ class HeadendConfig:
     # The algorithm follows the key: EC P-256 ES256, Ed25519 EdDSA, RSA PS256, DSA DS256.
     key_file: str = ""
     kid: str = ""
+    # Names this head-end in its retained state topic headend/{instance}/state.
+    instance: str = "ingestd"
 
     def validate(self) -> None:
+        if not _CLIENT_ID.fullmatch(self.instance):
+            raise ConfigError("headend.instance", "must be 1-64 of A-Z a-z 0-9 _ . -")
         if bool(self.key_file) != bool(self.kid):
             raise ConfigError("headend.kid", "key_file and kid go together")
 

@@ -66,6 +66,7 @@ class Daemon:
                 cfg.mqtt,
                 lambda delivery: pipeline.submit(delivery),  # noqa: PLW0108 - pipeline is bound below
                 on_state=self.metrics.mqtt_connected.set,
+                state_topic=f"headend/{cfg.headend.instance}/state",
             )
             pipeline = Pipeline(
                 cfg.ingest,
@@ -101,10 +102,17 @@ class Daemon:
                     log.info("ingestd_ready", metrics_port=self.metrics_port, keys=len(keyring))
                     await self.should_exit.wait()
                     log.info("shutdown_started", in_hand=pipeline.in_hand)
-                    link.pause_reading()
+                    pipeline.close_intake()
                     drained = await pipeline.drain(cfg.ingest.shutdown_timeout_s)
                     if not drained:
                         log.warning("shutdown_drain_timeout", in_hand=pipeline.in_hand)
+                    # Read again (the pipeline now drops what arrives, unacknowledged), so
+                    # that the socket closes with nothing unread: closing over unread data
+                    # resets the connection, and a reset makes the broker discard the acks
+                    # it has not read yet. The retained offline state, acknowledged by the
+                    # broker, is the barrier: every ack sent before it has been processed.
+                    link.resume_reading()
+                    await link.announce(online=False, within_s=5.0)
                     for task in tasks:
                         task.cancel()
                 log.info("shutdown_complete", drained=drained)

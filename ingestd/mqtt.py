@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import aiomqtt
+import orjson
 import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
@@ -69,12 +70,13 @@ class MqttLink:
         sink: Callable[[Delivery], None],
         *,
         on_state: Callable[[bool], None] | None = None,
-        will: aiomqtt.Will | None = None,
+        state_topic: str | None = None,
     ) -> None:
         self._config = config
         self._sink = sink
         self._on_state = on_state or (lambda _up: None)
-        self._will = will
+        # Retained {"online": ...}; the broker publishes the offline one (the will) if we die.
+        self._state_topic = state_topic
         self._client: aiomqtt.Client | None = None
         self._connection = 0
         self._paused = False
@@ -117,6 +119,7 @@ class MqttLink:
             self._client = client
             try:
                 await client.subscribe(self._config.uplink_filter, qos=1)
+                await self.announce(online=True, within_s=self._config.keepalive_s)
                 if self._paused:
                     self._set_reading(paused=True)
                 self._subscribed.set()
@@ -140,6 +143,19 @@ class MqttLink:
         if client is None:
             raise aiomqtt.MqttError("not connected")
         await client.publish(topic, payload, qos=qos, retain=retain)
+
+    async def announce(self, *, online: bool, within_s: float) -> bool:
+        """Publish the retained head-end state (QoS 1, waits for the broker's PUBACK)."""
+        client = self._client
+        if self._state_topic is None or client is None:
+            return False
+        try:
+            async with asyncio.timeout(within_s):
+                await client.publish(self._state_topic, _state(online=online), qos=1, retain=True)
+        except (TimeoutError, aiomqtt.MqttError) as exc:
+            log.warning("state_publish_failed", online=online, error=str(exc) or type(exc).__name__)
+            return False
+        return True
 
     def pause_reading(self) -> None:
         """Stop reading the socket: TCP back-pressure makes the broker hold the backlog."""
@@ -194,7 +210,11 @@ class MqttLink:
             keepalive=cfg.keepalive_s,
             username=cfg.username or None,
             password=password,
-            will=self._will,
+            will=(
+                aiomqtt.Will(self._state_topic, _state(online=False), qos=1, retain=True)
+                if self._state_topic
+                else None
+            ),
             tls_context=_tls_context(cfg) if cfg.tls else None,
             timeout=10,
         )
@@ -231,6 +251,10 @@ class MqttLink:
         loop.remove_reader(fd)
         if not paused:
             loop.add_reader(fd, _read_callback(client))
+
+
+def _state(*, online: bool) -> bytes:
+    return orjson.dumps({"online": online, "at": datetime.now(UTC).isoformat(timespec="seconds")})
 
 
 def _paho(client: aiomqtt.Client) -> paho.Client:

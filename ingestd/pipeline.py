@@ -81,6 +81,7 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._paused = False
+        self._closed = False
         self._executor: ThreadPoolExecutor | None = None
 
     async def __aenter__(self) -> Self:
@@ -105,6 +106,10 @@ class Pipeline:
     # -- intake (called by the broker link, on the event loop) -------------------------
 
     def submit(self, delivery: Delivery) -> None:
+        if self._closed:
+            # Shutting down: not taken, not acknowledged; the broker delivers it again to
+            # the next session. (Read only to keep the socket empty for a clean close.)
+            return
         self._pending.append(delivery)
         self._in_hand += 1
         self._idle.clear()
@@ -117,6 +122,12 @@ class Pipeline:
             self._upstream.pause_reading()
             self._metrics.intake_paused.set(1)
             log.warning("intake_paused", pending=self._in_hand)
+
+    def close_intake(self) -> None:
+        """Take no more deliveries (shutdown); those in hand are still written and acked."""
+        self._closed = True
+        self._paused = True
+        self._upstream.pause_reading()
 
     async def drain(self, within_s: float) -> bool:
         """Wait until everything in hand is committed and acknowledged; False on timeout."""
@@ -273,7 +284,7 @@ class Pipeline:
         self._in_hand -= len(batch.deliveries)
         if self._in_hand == 0:
             self._idle.set()
-        if self._paused and self._in_hand <= self._config.max_pending // 2:
+        if self._paused and not self._closed and self._in_hand <= self._config.max_pending // 2:
             self._paused = False
             self._upstream.resume_reading()
             m.intake_paused.set(0)

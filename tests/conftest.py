@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,9 +23,15 @@ from services import MosquittoServer, PostgresServer
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    with PostgresServer(tmp_path_factory.mktemp("pg")) as server:
-        yield server
+def pg_server() -> Iterator[PostgresServer]:
+    # Not under pytest's basetemp: another pytest run resets that to 0700, which would
+    # lock the server's own user (postgres, when we are root) out of its data directory.
+    workdir = Path(tempfile.mkdtemp(prefix="ingestd-test-pg-"))
+    try:
+        with PostgresServer(workdir) as server:
+            yield server
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
