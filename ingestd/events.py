@@ -62,7 +62,7 @@ def markdown() -> str:
         "# Meter event codes",
         "",
         "<!-- Generated from ingestd/events.py: python -c 'import ingestd.events as e;",
-        "     print(e.markdown(), end=\"\")' > docs/events.md (a test fails when they differ) -->",
+        '     print(e.markdown(), end="")\' > docs/events.md (a test fails when they differ) -->',
         "",
         "Meters report events in the `events` array of an uplink message (see `protocol.md`,",
         "section 4). Every event is stored in the `events` table with its code and `detail`,",
@@ -87,4 +87,3 @@ def markdown() -> str:
         "",
     ]
     return "\n".join(lines)
-
