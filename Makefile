@@ -11,6 +11,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PACKAGES := mosquitto mosquitto-clients postgresql postgresql-client python3-venv
+# promtool (unit tests of the alert rules) comes with Debian's prometheus package.
+DEB_PACKAGES += prometheus
 # Stamps: re-run an install step only when its inputs change.
 VENV_STAMP := $(VENV)/.installed
 SYSTEM_STAMP := var/.system-deps
@@ -27,7 +29,8 @@ deps: system-deps python-deps
 
 # Debian packages and TimescaleDB (built from Debian 13's source on Debian 12).
 system-deps: $(SYSTEM_STAMP)
-$(SYSTEM_STAMP): deploy/install-timescaledb.sh deploy/system-deps.sh
+# The Makefile too: a package added to DEB_PACKAGES gets installed on the next run.
+$(SYSTEM_STAMP): deploy/install-timescaledb.sh deploy/system-deps.sh Makefile
 	$(SUDO) bash deploy/system-deps.sh $(DEB_PACKAGES)
 	$(SUDO) bash deploy/install-timescaledb.sh
 	@mkdir -p var && touch $@
@@ -54,6 +57,8 @@ format: python-deps
 	$(BIN)/ruff check --fix ingestd tests bench
 
 test: deps lint
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts.test.yml
 	$(BIN)/pytest -q
 
 demo: deps services

@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", required=True, metavar="PRIVATE.pem", help="where to write the private key")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="meters that need attention (red, gray, never heard, tamper events); exit 1 if any is red",
+    )
+    status.add_argument("--site", help="only meters of this site")
+    status.add_argument("--flag", choices=("ok", "gray", "red", "never"), help="only meters with this flag")
+    status.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
     from ingestd.simulator import add_arguments  # noqa: PLC0415 - keeps `ingestd --help` fast
 
     simulate = commands.add_parser(
@@ -303,6 +312,33 @@ def _cmd_keygen(_config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from ingestd import health  # noqa: PLC0415
+
+    async def go() -> int:
+        async with Store(config.database) as store, store.connection() as conn:
+            if args.site is not None and not await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM meters WHERE site = $1)", args.site
+            ):
+                raise UsageError(f"--site {args.site!r}: no meters registered at this site")
+            as_of = await conn.fetchval("SELECT now()")
+            meters = await health.fetch_health(conn, as_of, config.flags, site=args.site, flag=args.flag)
+        counts: dict[str, int] = {flag: sum(m.flag == flag for m in meters) for flag in health.FLAGS}
+        shown = health.by_severity(
+            meters if args.flag else [m for m in meters if health.needs_attention(m, as_of, config.flags)]
+        )
+        if args.json:
+            print(orjson.dumps(health.status_json(shown, counts, as_of), option=orjson.OPT_INDENT_2).decode())
+        else:
+            if shown:
+                print("\n".join(health.status_table(shown, as_of)))
+            summary = ", ".join(f"{counts[f]} {f}" for f in health.FLAGS)
+            print(f"{len(shown)} of {len(meters)} meters listed ({summary})")
+        return EXIT_FAILURE if counts["red"] else EXIT_OK
+
+    return _run_async(go)
+
+
 def _cmd_simulate(config: Config, args: argparse.Namespace) -> int:
     from ingestd.simulator import run_from_args  # noqa: PLC0415
 
@@ -316,6 +352,7 @@ _HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "keygen": _cmd_keygen,
     "gaps": _cmd_gaps,
     "simulate": _cmd_simulate,
+    "status": _cmd_status,
 }
 
 

@@ -189,6 +189,31 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FlagsConfig:
+    # A meter silent (no valid message) for longer than this is flagged gray, then red.
+    gray_after_s: int = 48 * 3600
+    red_after_s: int = 7 * 24 * 3600
+    # A power loss is isolated (a breaker, tampering) unless at least isolation_share of the
+    # site's other meters also reported one within isolation_window_s of it.
+    isolation_window_s: int = 300
+    isolation_share: float = 0.5
+    # Seconds between refreshes of ingestd_meters{flag} and isolation checks.
+    refresh_s: float = 60.0
+    # ingestd_meter_last_seen_timestamp_seconds{meter}: one series per meter, off by default.
+    per_meter_metrics: bool = False
+
+    def validate(self) -> None:
+        _require_range("flags.gray_after_s", self.gray_after_s, 60, 365 * 86400)
+        _require_range("flags.red_after_s", self.red_after_s, self.gray_after_s + 1, 3650 * 86400)
+        _require_range("flags.isolation_window_s", self.isolation_window_s, 1, 86400)
+        if not 0 < self.isolation_share <= 1:
+            raise ConfigError(
+                "flags.isolation_share", f"must be above 0 and at most 1, got {self.isolation_share:g}"
+            )
+        _require_range("flags.refresh_s", self.refresh_s, 1, 86400)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -197,6 +222,7 @@ class Config:
     headend: HeadendConfig = field(default_factory=HeadendConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    flags: FlagsConfig = field(default_factory=FlagsConfig)
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):

@@ -21,6 +21,7 @@ import structlog
 from ingestd.config import Config, HeadendConfig
 from ingestd.errors import ConfigError, KeyFileError, UsageError
 from ingestd.gaps import GapRequester
+from ingestd.health import HealthMonitor
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
@@ -87,7 +88,8 @@ class Daemon:
                 now=self._now,
             )
             metrics_server = MetricsServer(self.metrics, cfg.metrics.addr)
-            async with metrics_server, pipeline, store.key_changes(keyring.changed):
+            health = HealthMonitor(cfg.flags, store=store, metrics=self.metrics, now=self._now)
+            async with metrics_server, pipeline, store.key_changes(keyring.changed), health:
                 self.metrics_port = metrics_server.port
                 async with asyncio.TaskGroup() as tg:
                     tasks = [
@@ -96,6 +98,7 @@ class Daemon:
                         tg.create_task(keyring.watch(cfg.ingest.key_refresh_s), name="keys"),
                         tg.create_task(link.run(), name="mqtt"),
                         tg.create_task(requester.run(), name="gaps"),
+                        tg.create_task(health.run(), name="health"),
                     ]
                     await link.wait_subscribed()
                     self.ready.set()

@@ -362,12 +362,16 @@ class GapRequester:
     async def refresh_gauges(self) -> None:
         async with self._store.connection() as conn:
             row = await conn.fetchrow(
-                """SELECT count(*) AS open, COALESCE(sum(to_seq - from_seq + 1), 0) AS missing
+                """SELECT count(*) AS open, COALESCE(sum(to_seq - from_seq + 1), 0) AS missing,
+                          min(detected_at) AS oldest
                    FROM gaps WHERE status IN ('open', 'requested')"""
             )
         assert row is not None
         self._metrics.gaps_open.set(row["open"])
         self._metrics.gap_seqs_missing.set(row["missing"])
+        oldest = row["oldest"]
+        age = (self._now() - oldest).total_seconds() if oldest is not None else 0.0
+        self._metrics.gap_oldest_open_age.set(max(0.0, age))
 
     async def run_once(self, *, meter_id: str | None = None) -> GapCounts:
         """One round: every due gap is expired, found filled, or asked for."""

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Self
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from ingestd.config import parse_host_port
 from ingestd.errors import REJECT_REASONS
+from ingestd.events import TAMPER_CODES, is_tamper, metric_code
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 _WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -101,9 +105,54 @@ class Metrics:
             buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400, 30 * 86400),
             registry=r,
         )
+        # Meter health (ingestd.health): refreshed every flags.refresh_s.
+        self.meters = Gauge(
+            "ingestd_meters", "Registered meters by flag (ok, gray, red, never).", ["flag"], registry=r
+        )
+        self.tamper_events = Counter(
+            "ingestd_tamper_events", "Tamper event rows inserted, by event code.", ["code"], registry=r
+        )
+        self.isolated_power_loss = Counter(
+            "ingestd_isolated_power_loss",
+            "Power losses (001) not shared by enough of the site's other meters: breaker or tampering.",
+            registry=r,
+        )
+        self.gap_oldest_open_age = Gauge(
+            "ingestd_gap_oldest_open_age_seconds",
+            "Age of the oldest gap not yet filled or lost (0 when there is none).",
+            registry=r,
+        )
         for reason in REJECT_REASONS:
             # Present from the start at 0, so that rate() and alerts work before the first one.
             self.rejected.labels(reason=reason)
+        for code in sorted(TAMPER_CODES):
+            self.tamper_events.labels(code=code)
+
+    def count_events(self, stored: Mapping[str, int]) -> None:
+        """Count event rows inserted, by code (unknown codes as one label)."""
+        for code, count in stored.items():
+            self.events.labels(code=metric_code(code)).inc(count)
+            if is_tamper(code):
+                self.tamper_events.labels(code=code).inc(count)
+
+
+class LastSeenCollector(Collector):
+    """``ingestd_meter_last_seen_timestamp_seconds{meter}``, when enabled: one series per
+    meter, replaced as a whole on each refresh, so a removed meter's series goes away."""
+
+    def __init__(self) -> None:
+        # Replaced, never mutated: the HTTP thread reads whichever tuple is current.
+        self.snapshot: tuple[tuple[str, float], ...] = ()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "ingestd_meter_last_seen_timestamp_seconds",
+            "When each meter was last heard from (Unix time); absent for meters never heard.",
+            labels=["meter"],
+        )
+        for meter, seen in self.snapshot:
+            family.add_metric([meter], seen)
+        yield family
 
 
 class MetricsServer:

@@ -268,8 +268,7 @@ class Pipeline:
         m.duplicates.inc(result.duplicates + batch.repeats)
         m.readings_stored.inc(result.readings_stored)
         record_gap_counts(m, result.gaps)
-        for code, count in result.events_stored.items():
-            m.events.labels(code=code).inc(count)
+        m.count_events(result.events_stored)
         for accept in result.accepted:
             m.commit_delay.observe(max(0.0, (committed - accept.message.sent).total_seconds()))
         for reject in [*batch.rejects, *result.late_rejects]:

@@ -9,7 +9,8 @@ import dataclasses
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -81,9 +82,12 @@ async def store(config: Config) -> AsyncIterator[Store]:
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
-    """A daemon in this event loop, ready (subscribed) on entry, shut down cleanly on exit."""
-    daemon = Daemon(config)
+async def running_daemon(
+    config: Config, *, now: Callable[[], datetime] | None = None
+) -> AsyncIterator[Daemon]:
+    """A daemon in this event loop, ready (subscribed) on entry, shut down cleanly on exit;
+    ``now`` replaces its clock (not the broker's or the database's)."""
+    daemon = Daemon(config) if now is None else Daemon(config, now=now)
     task = asyncio.create_task(daemon.run(), name="daemon")
     ready = asyncio.create_task(daemon.ready.wait())
     done, _ = await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)

@@ -275,6 +275,25 @@ async def test_two_requesters_never_ask_for_the_same_gap(gstore: Store, db_url: 
     assert len(keys) == len(set(keys)) == 60
 
 
+async def test_gap_gauges(gstore: Store, headend: Signer) -> None:
+    await write(gstore, accept("M1", 1), accept("M1", 5), accept("M2", 1), accept("M2", 3))
+    metrics = Metrics()
+    req = GapRequester(
+        gstore,
+        CFG,
+        signer=headend,
+        publish=Outbox(),
+        topic_prefix="meters",
+        metrics=metrics,
+        now=lambda: T0 + timedelta(hours=5),
+    )
+    await req.refresh_gauges()
+    r = metrics.registry
+    assert r.get_sample_value("ingestd_gaps_open") == 2
+    assert r.get_sample_value("ingestd_gap_seqs_missing") == 4
+    assert r.get_sample_value("ingestd_gap_oldest_open_age_seconds") == 5 * 3600
+
+
 async def test_no_head_end_key_no_requests(gstore: Store, db: Conn) -> None:
     await write(gstore, accept("M1", 1), accept("M1", 5))
     outbox, now = Outbox(), [T0 + timedelta(seconds=61)]
