@@ -12,6 +12,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,7 +20,7 @@ import orjson
 import structlog
 
 from ingestd.config import Config, load_config
-from ingestd.envelope import KID, METER_ID
+from ingestd.envelope import KID, METER_ID, parse_time
 from ingestd.errors import IngestdError, KeyFileError, ServiceUnavailable, UsageError
 from ingestd.logs import configure_logging
 from ingestd.signature import (
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--key", required=True, metavar="PUBLIC_KEY.pem", help="public key (PEM)")
     add.add_argument("--site", help="building or site the meter is installed in")
     add.add_argument("--interval", type=_positive_int, metavar="SECONDS", help="metering interval")
+    add.add_argument(
+        "--valid-from",
+        type=_timestamp,
+        metavar="TIME",
+        help="RFC 3339 time from which the key may sign (default now): for rotation, overlap keys",
+    )
+    add.add_argument(
+        "--valid-until", type=_timestamp, metavar="TIME", help="RFC 3339 time at which the key expires"
+    )
     listing = meter_cmds.add_parser("list", parents=[common], help="list meters and their keys")
     listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     revoke = meter_cmds.add_parser(
@@ -189,6 +199,8 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
     if action == "add":
         if not METER_ID.fullmatch(args.meter_id):
             raise UsageError(f"METER_ID {args.meter_id!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if args.valid_from and args.valid_until and args.valid_until <= args.valid_from:
+            raise UsageError("--valid-until must be later than --valid-from")
         if not KID.fullmatch(args.kid):
             raise UsageError(f"--kid {args.kid!r} must be 1-128 printable ASCII characters, no spaces")
         pem = _read_file(args.key, "--key")
@@ -206,6 +218,8 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
                     public_key_pem=pem.decode("ascii"),
                     site=args.site,
                     interval_s=args.interval,
+                    valid_from=args.valid_from,
+                    valid_until=args.valid_until,
                 )
             print(f"meter {args.meter_id}: key {args.kid} ({args.alg}) registered")
             return EXIT_OK
@@ -363,6 +377,15 @@ def _read_file(path: str, option: str) -> bytes:
         raise KeyFileError(f"{option} {path}: no such file") from None
     except OSError as exc:
         raise KeyFileError(f"{option} {path}: {exc.strerror}") from None
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an RFC 3339 time such as 2027-01-01T00:00:00Z, got {text!r}"
+        ) from None
 
 
 def _positive_int(text: str) -> int:

@@ -474,3 +474,34 @@ def test_env_overrides_config_file(db_url: str, tmp_path: Path) -> None:
     proc = ingestd("--config", str(conf), "migrate", env=cli_env(db_url))
     assert_ok(proc)
     assert proc.stdout.strip() == "schema is current"
+
+
+async def test_key_rotation_with_validity_windows(db_url: str, db: Conn, tmp_path: Path) -> None:
+    """Two keys of one meter with overlapping windows: the old one expires, the new one starts."""
+    old = [*_add(tmp_path, es256_pem()), "--valid-until", "2027-01-01T00:00:00Z"]
+    assert_ok(await aingestd(*old, env=cli_env(db_url)))
+    (tmp_path / "new").mkdir()
+    new = _add(tmp_path / "new", es256_pem())
+    new[new.index("k1")] = "k2"
+    new += ["--valid-from", "2026-12-15T00:00:00+01:00"]
+    assert_ok(await aingestd(*new, env=cli_env(db_url)))
+    rows = await db.fetch("SELECT kid, valid_from, valid_until FROM meter_keys ORDER BY kid")
+    assert [r["kid"] for r in rows] == ["k1", "k2"]
+    assert rows[0]["valid_until"].isoformat() == "2027-01-01T00:00:00+00:00"
+    assert rows[1]["valid_from"].isoformat() == "2026-12-14T23:00:00+00:00"
+    assert rows[1]["valid_until"] is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--valid-until", "next week"], "RFC 3339"),
+        (["--valid-from", "2027-02-01T00:00:00Z", "--valid-until", "2027-01-01T00:00:00Z"], "later than"),
+    ],
+)
+async def test_key_validity_bad_input(
+    extra: list[str], needle: str, db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    proc = await aingestd(*_add(tmp_path, es256_pem()), *extra, env=cli_env(db_url))
+    assert_one_line_error(proc, EXIT_USAGE, needle)
+    assert await count(db, "meter_keys") == 0
