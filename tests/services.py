@@ -332,8 +332,11 @@ class PostgresServer:
         *,
         port: int | None = None,
         preload: tuple[str, ...] = ("timescaledb",),
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        # Extra postgresql.conf settings (e.g. ssl), written as given.
+        self.settings = dict(settings or {})
         self.host = LOCALHOST
         self.port = port if port is not None else free_port()
         self.preload = preload
@@ -466,6 +469,7 @@ class PostgresServer:
             "logging_collector": "off",
             "log_line_prefix": "'%m [%p] %q%u@%d '",
             "lc_messages": "'C'",
+            **self.settings,
         }
         conf = "".join(f"{key} = {value}\n" for key, value in settings.items())
         # Rewritten on every start so a changed port or preload list takes effect;
