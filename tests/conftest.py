@@ -23,16 +23,22 @@ from ingestd.store import Store
 from services import MosquittoServer, PostgresServer
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    # Not under pytest's basetemp: another pytest run resets that to 0700, which would
-    # lock the server's own user (postgres, when we are root) out of its data directory.
+@contextlib.contextmanager
+def pg_workdir() -> Iterator[Path]:
+    """A directory for a PostgreSQL server, not under pytest's basetemp: another pytest
+    run resets that to 0700, which would lock the server's own user (postgres, when we
+    are root) out of its data directory."""
     workdir = Path(tempfile.mkdtemp(prefix="ingestd-test-pg-"))
     try:
-        with PostgresServer(workdir) as server:
-            yield server
+        yield workdir
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    with pg_workdir() as workdir, PostgresServer(workdir) as server:
+        yield server
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import datetime as dt
 import ipaddress
 import os
 import pwd
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from conftest import pg_workdir
 from ingestd.config import DatabaseConfig
 from ingestd.errors import ServiceUnavailable
 from ingestd.store import Store
@@ -68,7 +68,11 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate) -
 
 @pytest.fixture(scope="module")
 def tls_pg() -> Iterator[tuple[PostgresServer, Path]]:
-    workdir = Path(tempfile.mkdtemp(prefix="ingestd-test-pgtls-"))
+    with pg_workdir() as workdir:
+        yield from _tls_pg(workdir)
+
+
+def _tls_pg(workdir: Path) -> Iterator[tuple[PostgresServer, Path]]:
     ca_key, ca = make_ca("ingestd test CA")
     cert, key = make_server_cert(ca_key, ca)
     certs = workdir / "certs"

@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from conftest import pg_workdir
 from services import MosquittoServer, PostgresServer, free_port
 
 TOPIC = "meters/test/readings"
@@ -180,8 +181,12 @@ def _timescaledb_installed(server: PostgresServer) -> bool:
     return (Path(sharedir) / "extension" / "timescaledb.control").exists()
 
 
-def test_postgres_lifecycle(tmp_path: Path) -> None:
-    server = PostgresServer(tmp_path / "pg")
+def test_postgres_lifecycle() -> None:
+    with pg_workdir() as workdir:
+        _postgres_lifecycle(PostgresServer(workdir / "pg"))
+
+
+def _postgres_lifecycle(server: PostgresServer) -> None:
     if not _timescaledb_installed(server):
         pytest.skip("TimescaleDB is not installed (deploy/install-timescaledb.sh)")
     with server:
