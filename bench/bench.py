@@ -184,7 +184,20 @@ def start_daemon(env: dict[str, str], log_path: Path, profile: Path | None = Non
     command = [sys.executable, "-m", "ingestd.cli", "run"]
     if profile is not None:
         spy = Path(sys.executable).parent / "py-spy"
-        command = [str(spy), "record", "--threads", "--format", "raw", "-o", str(profile), "--", *command]
+        # BENCH_PYSPY_ARGS adds py-spy options, e.g. "--gil -r 200" for GIL holders only.
+        extra = os.environ.get("BENCH_PYSPY_ARGS", "").split()
+        command = [
+            str(spy),
+            "record",
+            *extra,
+            "--threads",
+            "--format",
+            "raw",
+            "-o",
+            str(profile),
+            "--",
+            *command,
+        ]
     return subprocess.Popen(command, env=env, stdout=log, stderr=log)
 
 

@@ -33,6 +33,8 @@ EVENT_CODE: Final = re.compile(r"[0-9]{3}")
 _RFC3339: Final = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
 )
+_TIME_CACHE_SIZE: Final = 4096
+_TIME_CACHE: Final[dict[str, datetime]] = {}
 # \u0000 after an even number of backslashes: an escaped NUL, not the text "\\u0000".
 _NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 # Nesting allowed inside a reading's extra fields or an event's detail.
@@ -290,6 +292,21 @@ def content_digest(readings: Sequence[Reading], events: Sequence[Event]) -> byte
 
 def parse_time(value: str) -> datetime:
     """An RFC 3339 date-time as an aware UTC datetime; ValueError otherwise."""
+    # Meters read on the same interval boundaries and send within the same seconds:
+    # most strings have been seen moments ago. Only valid times are kept, and datetimes
+    # are immutable, so a hit returns exactly what parsing would.
+    cached = _TIME_CACHE.get(value)
+    if cached is not None:
+        return cached
+    parsed = _parse_time(value)
+    if len(_TIME_CACHE) >= _TIME_CACHE_SIZE:
+        # Crude but bounded, and thread-safe (each dict operation is atomic).
+        _TIME_CACHE.clear()
+    _TIME_CACHE[value] = parsed
+    return parsed
+
+
+def _parse_time(value: str) -> datetime:
     match = _RFC3339.fullmatch(value)
     if match is None:
         raise ValueError("not an RFC 3339 date-time")

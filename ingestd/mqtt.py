@@ -22,9 +22,11 @@ the database recognises it as a duplicate.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -33,6 +35,8 @@ import aiomqtt
 import orjson
 import paho.mqtt.client as paho
 import structlog
+from paho.mqtt.client import PUBACK
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -43,6 +47,8 @@ log = structlog.get_logger("ingestd.mqtt")
 # The largest Receive Maximum MQTT v5 allows: the broker may have this many QoS 1 messages
 # unacknowledged with us, which batching with ack-after-commit needs (a batch is 1000).
 RECEIVE_MAXIMUM: Final = 65535
+# PUBACK: fixed header, remaining length 2, packet id (MQTT v5 allows omitting the reason).
+_PUBACK: Final = struct.Struct("!BBH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +143,31 @@ class MqttLink:
             return False
         _paho(client).ack(delivery.mid, delivery.qos)
         return True
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> int:
+        """Acknowledge a committed batch; returns how many PUBACKs went out.
+
+        The same PUBACK packets as ``ack``, in the same order, but queued as one write:
+        one ``send`` per batch rather than one per message.
+        """
+        client = self._client
+        if client is None:
+            return 0
+        connection = self._connection
+        mids = [d.mid for d in deliveries if d.connection == connection and d.qos == 1]
+        inner = _paho(client)
+        logger = getattr(inner, "_logger", None)
+        if (
+            len(mids) != sum(1 for d in deliveries if d.connection == connection and d.qos)
+            or not hasattr(inner, "_packet_queue")
+            or (logger is not None and logger.isEnabledFor(logging.DEBUG))
+        ):
+            # QoS 2 (never subscribed to), another paho, or paho's per-packet debug log.
+            return sum(self.ack(d) for d in deliveries)
+        if mids:
+            packets = b"".join([_PUBACK.pack(PUBACK, 2, mid) for mid in mids])
+            inner._packet_queue(PUBACK, packets, 0, 1)  # noqa: SLF001
+        return len(mids)
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         client = self._client
@@ -235,7 +266,11 @@ class MqttLink:
                 )
             )
 
+        def on_qos1(topic: str, payload: bytes, mid: int) -> None:
+            sink(Delivery(topic, payload, mid, 1, datetime.now(UTC), connection))
+
         inner.on_message = on_message
+        _FastReceive(inner, on_qos1).install()
         return client
 
     def _set_reading(self, *, paused: bool) -> None:
@@ -255,6 +290,96 @@ class MqttLink:
 
 def _state(*, online: bool) -> bytes:
     return orjson.dumps({"online": online, "at": datetime.now(UTC).isoformat(timespec="seconds")})
+
+
+class _FastReceive:
+    """A cheaper receive path for paho, installed on one client: ~40 us less per message.
+
+    paho reads a packet with three or four ``recv`` calls (command byte, length bytes,
+    body) and returns to the event loop after each packet; every PUBLISH then builds a
+    ``Properties`` and an ``MQTTMessage`` and matches the topic against per-topic
+    callbacks. At thousands of messages a second that is most of the event loop's time,
+    and each ``recv`` gives the GIL to a verify thread and waits to get it back.
+
+    - ``recv`` is served from a buffer filled by one large read;
+    - ``loop_read`` keeps going while the buffer holds bytes, and so returns with it
+      empty: the socket's readiness still tells the event loop all there is to know;
+    - a QoS 1 PUBLISH without properties (what a meter sends) goes straight to
+      ``on_qos1``. Anything else (QoS 0 or 2, properties such as a topic alias, a topic
+      that is not UTF-8, a short packet, debug logging on) takes paho's own path,
+      unchanged, so MQTT v5 semantics and error handling stay paho's.
+
+    These are paho 2.x internals; ``install`` leaves a paho without them untouched.
+    """
+
+    _READ_SIZE: Final = 256 * 1024
+
+    def __init__(self, inner: paho.Client, on_qos1: Callable[[str, bytes, int], None]) -> None:
+        self._inner = inner
+        self._on_qos1 = on_qos1
+        self._buffer = b""
+        self._pos = 0
+        self._sock: object = None
+
+    def install(self) -> None:
+        inner = self._inner
+        if not all(hasattr(inner, a) for a in ("_handle_publish", "_sock_recv", "_in_packet", "_logger")):
+            return
+        self._paho_handle_publish = inner._handle_publish  # noqa: SLF001
+        self._paho_sock_recv = inner._sock_recv  # noqa: SLF001
+        self._paho_loop_read = inner.loop_read
+        # Instance attributes shadow the methods; aiomqtt's read callback calls loop_read.
+        inner._handle_publish = self._handle_publish  # type: ignore[method-assign]  # noqa: SLF001
+        inner._sock_recv = self._recv  # type: ignore[method-assign]  # noqa: SLF001
+        inner.loop_read = self._loop_read  # type: ignore[method-assign]
+
+    def _loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        while True:
+            rc = self._paho_loop_read(max_packets)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._pos >= len(self._buffer):
+                return rc
+
+    def _recv(self, bufsize: int) -> bytes:
+        if self._sock is not self._inner._sock:  # noqa: SLF001 - a new socket: the rest is stale
+            self._sock = self._inner._sock  # noqa: SLF001
+            self._buffer, self._pos = b"", 0
+        pos = self._pos
+        if pos >= len(self._buffer):
+            # Raises BlockingIOError when nothing is there, as paho expects; b"" is EOF.
+            data = self._paho_sock_recv(max(bufsize, self._READ_SIZE))
+            if len(data) <= bufsize:
+                self._buffer, self._pos = b"", 0
+                return data
+            self._buffer, pos = data, 0
+        end = pos + bufsize
+        self._pos = end
+        return self._buffer[pos:end]
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        inner = self._inner
+        packet: bytearray = inner._in_packet["packet"]  # noqa: SLF001
+        # Fixed header 0x32 (PUBLISH, QoS 1, no DUP, no RETAIN) or 0x3A (DUP).
+        if inner._in_packet["command"] & 0x0F not in {0x02, 0x0A} or (  # noqa: SLF001
+            inner._logger is not None and inner._logger.isEnabledFor(logging.DEBUG)  # noqa: SLF001
+        ):
+            return self._paho_handle_publish()
+        topic_end = 2 + ((packet[0] << 8) | packet[1]) if len(packet) >= 2 else 0
+        # Topic, packet id, then the properties' length: one byte 0 means no properties.
+        if len(packet) <= topic_end + 2 or packet[topic_end + 2] != 0:
+            return self._paho_handle_publish()
+        try:
+            topic = packet[2:topic_end].decode("utf-8")
+        except UnicodeDecodeError:
+            return self._paho_handle_publish()
+        mid = (packet[topic_end] << 8) | packet[topic_end + 1]
+        try:
+            self._on_qos1(topic, bytes(packet[topic_end + 3 :]), mid)
+        except Exception as err:
+            # As paho's own path reports a failing on_message.
+            inner._easy_log(paho.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)  # noqa: SLF001
+            if not inner.suppress_exceptions:
+                raise
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 def _paho(client: aiomqtt.Client) -> paho.Client:

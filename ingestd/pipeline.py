@@ -38,6 +38,7 @@ class Upstream(Protocol):
     """What the pipeline needs of the broker link."""
 
     def ack(self, delivery: Delivery) -> bool: ...
+    def ack_many(self, deliveries: Sequence[Delivery]) -> int: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
 
@@ -259,8 +260,7 @@ class Pipeline:
         return total
 
     def _finish(self, batch: Batch, result: BatchResult) -> None:
-        for delivery in batch.deliveries:
-            self._upstream.ack(delivery)
+        self._upstream.ack_many(batch.deliveries)
         m = self._metrics
         committed = self._now()
         m.batch_size.observe(len(batch.deliveries))
