@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 DEMO_SECONDS="${DEMO_SECONDS:-60}"
 DEMO_METERS="${DEMO_METERS:-50}"
 DEMO_INTERVAL="${DEMO_INTERVAL:-5}"
+# Uplink loss, so that gaps open and are filled by replay from the meters' flash.
+DEMO_DROP="${DEMO_DROP:-0.02}"
 STATE=var/demo
 mkdir -p "$STATE"
 BIN=.venv/bin
@@ -38,11 +40,19 @@ export INGESTD_MQTT_URL="mqtt://127.0.0.1:1884"
 export INGESTD_MQTT_CLIENT_ID="ingestd-demo"
 export INGESTD_METRICS_ADDR="127.0.0.1:9108"
 export INGESTD_LOG_FORMAT="${INGESTD_LOG_FORMAT:-console}"
+# The head-end's key signs replay requests; the simulated meters check them with it.
+[ -s "$STATE/headend.pem" ] || $BIN/ingestd keygen --alg ES256 --out "$STATE/headend.pem" >/dev/null
+export INGESTD_HEADEND_KEY_FILE="$STATE/headend.pem"
+export INGESTD_HEADEND_KID="demo-headend"
+export INGESTD_HEADEND_INSTANCE="demo"
+export INGESTD_GAPS_GRACE_S=10
+export INGESTD_GAPS_RETRY_INITIAL_S=15
 
 $BIN/ingestd migrate
 $BIN/ingestd run >"$STATE/ingestd.log" 2>&1 &
 daemon=$!
 $BIN/ingestd simulate --meters "$DEMO_METERS" --interval "$DEMO_INTERVAL" --state "$STATE/simulator" \
+    --drop "$DEMO_DROP" \
     >"$STATE/simulator.log" 2>&1 &
 simulator=$!
 cleanup() {
@@ -69,8 +79,10 @@ while kill -0 "$daemon" 2>/dev/null; do
         SELECT 'readings', count(*) FROM readings
         UNION ALL SELECT 'events', count(*) FROM events
         UNION ALL SELECT 'rejected', count(*) FROM quarantine
-        UNION ALL SELECT 'meters heard', count(DISTINCT meter_id) FROM message_seqs" |
-        awk -v t="$((SECONDS - started))" '{ v[NR] = $NF } END { printf "[%3ds] readings %s  events %s  rejected %s  meters heard %s\n", t, v[1], v[2], v[3], v[4] }'
+        UNION ALL SELECT 'meters heard', count(DISTINCT meter_id) FROM message_seqs
+        UNION ALL SELECT 'gaps open', count(*) FROM gaps WHERE status IN ('open', 'requested')
+        UNION ALL SELECT 'gaps filled', count(*) FROM gaps WHERE status = 'filled'" |
+        awk -v t="$((SECONDS - started))" '{ v[NR] = $NF } END { printf "[%3ds] readings %s  events %s  rejected %s  meters heard %s  gaps open %s  filled %s\n", t, v[1], v[2], v[3], v[4], v[5], v[6] }'
     if [ "$DEMO_SECONDS" -gt 0 ] && [ $((SECONDS - started)) -ge "$DEMO_SECONDS" ]; then
         break
     fi
@@ -78,3 +90,5 @@ done
 kill -0 "$daemon" 2>/dev/null || { echo "ingestd stopped; last log lines:"; tail -n 20 "$STATE/ingestd.log"; exit 1; }
 echo "latest readings:"
 psql -X "$INGESTD_DATABASE_URL" -c "SELECT meter_id, time, import_wh, export_wh FROM readings ORDER BY received_at DESC, meter_id LIMIT 5"
+echo "meters needing attention (ingestd status):"
+$BIN/ingestd status || true

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -251,19 +252,26 @@ def _load_state(fleet: Sequence[VirtualMeter], state_dir: Path) -> None:
     if not path.exists():
         return
     state = orjson.loads(path.read_bytes())
+    clean = state.pop("_clean", False)
     for meter in fleet:
         saved = state.get(meter.meter_id)
         if saved:
             meter.epoch, meter.seq = saved["epoch"], saved["seq"]
             meter.import_wh, meter.export_wh = saved["import_wh"], saved["export_wh"]
+            if not clean:
+                # The last run did not stop cleanly: its seqs after the last save are
+                # unknown, and reusing one for other content is a seq_conflict. A real
+                # meter in that state starts a new epoch, and so does this one.
+                meter.reset_epoch()
 
 
-def save_state(fleet: Sequence[VirtualMeter], state_dir: Path) -> None:
+def save_state(fleet: Sequence[VirtualMeter], state_dir: Path, *, clean: bool = False) -> None:
     """Sequence numbers and registers survive a restart, as in a meter's flash."""
-    state = {
+    state: dict[str, Any] = {
         m.meter_id: {"epoch": m.epoch, "seq": m.seq, "import_wh": m.import_wh, "export_wh": m.export_wh}
         for m in fleet
     }
+    state["_clean"] = clean
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / "state.json.tmp"
     tmp.write_bytes(orjson.dumps(state))
@@ -534,6 +542,10 @@ async def run_from_args(config: Config, args: argparse.Namespace) -> int:
         log.info("fleet_registered", added=added)
     stats = FleetStats()
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    save_state(fleet, state_dir)  # not clean until the end: a crash means a new epoch
     cfg = config.mqtt
     try:
         async with aiomqtt.Client(
@@ -566,7 +578,7 @@ async def run_from_args(config: Config, args: argparse.Namespace) -> int:
         log.error("simulator_broker_error", error=str(exc))  # noqa: TRY400 - one line suffices
         return 1
     finally:
-        save_state(fleet, state_dir)
+        save_state(fleet, state_dir, clean=True)
     log.info("simulator_done", **_summary(stats))
     return 0
 
