@@ -1,0 +1,155 @@
+"""systemd integration: sd_notify against a real datagram socket, the daemon's READY=1,
+STATUS= and STOPPING=1, and the shipped unit checked by systemd-analyze."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from ingestd.systemd import Notifier, socket_address, watchdog_interval_s
+
+WAIT_S = 10.0  # for a datagram that must come
+
+
+class Manager:
+    """The service manager's end: a datagram socket bound where $NOTIFY_SOCKET points."""
+
+    def __init__(self, sock: socket.socket, env_value: str) -> None:
+        self.sock = sock
+        self.env_value = env_value
+
+    async def recv(self, within_s: float = WAIT_S) -> dict[str, str]:
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, 4096), within_s)
+        return dict(line.split("=", 1) for line in data.decode().split("\n"))
+
+    async def recv_until(self, key: str, within_s: float = WAIT_S) -> list[dict[str, str]]:
+        """Messages up to and including the first that has ``key``."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        seen: list[dict[str, str]] = []
+        while not seen or key not in seen[-1]:
+            seen.append(await self.recv(max(deadline - asyncio.get_running_loop().time(), 0.001)))
+        return seen
+
+    async def nothing_within(self, within_s: float) -> bool:
+        try:
+            await self.recv(within_s)
+        except TimeoutError:
+            return True
+        return False
+
+
+@pytest.fixture(params=["path", "abstract"])
+def manager(request: pytest.FixtureRequest) -> Iterator[Manager]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setblocking(False)  # noqa: FBT003 - the stdlib's signature
+    with contextlib.ExitStack() as stack:
+        stack.callback(sock.close)
+        if request.param == "path":
+            # Short: an AF_UNIX path has at most 107 bytes, pytest's tmp_path can be longer.
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="ingestd-notify-"))
+            path = str(Path(directory) / "notify")
+            sock.bind(path)
+            yield Manager(sock, path)
+        else:
+            name = f"ingestd-test-{uuid.uuid4().hex}"
+            sock.bind("\0" + name)
+            yield Manager(sock, "@" + name)
+
+
+@contextlib.asynccontextmanager
+async def notifier(manager: Manager, **env: str) -> AsyncIterator[Notifier]:
+    async with Notifier({"NOTIFY_SOCKET": manager.env_value, **env}) as n:
+        yield n
+
+
+async def test_ready_status_stopping(manager: Manager) -> None:
+    async with notifier(manager) as n:
+        assert n.enabled
+        assert n.ready()
+        assert await manager.recv() == {"READY": "1"}
+        assert n.status("ingesting; pending 3")
+        assert await manager.recv() == {"STATUS": "ingesting; pending 3"}
+        assert n.stopping("shutting down\nnow")  # one line: a newline would start a field
+        assert await manager.recv() == {"STOPPING": "1", "STATUS": "shutting down now"}
+        assert n.watchdog()
+        assert await manager.recv() == {"WATCHDOG": "1"}
+
+
+async def test_watchdog_pings_at_half_the_interval(manager: Manager) -> None:
+    async with notifier(manager, WATCHDOG_USEC="200000", WATCHDOG_PID=str(os.getpid())) as n:
+        assert n.watchdog_s == pytest.approx(0.2)
+        task = asyncio.create_task(n.run_watchdog())
+        try:
+            loop = asyncio.get_running_loop()
+            arrivals = []
+            for _ in range(6):
+                assert await manager.recv() == {"WATCHDOG": "1"}
+                arrivals.append(loop.time())
+            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+            # 100 ms apart: never early, and well inside the 200 ms systemd would allow.
+            assert min(gaps) >= 0.095, gaps
+            assert sum(gaps) / len(gaps) < 0.16, gaps
+        finally:
+            task.cancel()
+
+
+async def test_watchdog_stops_when_the_loop_is_stuck(manager: Manager) -> None:
+    """The pings come from the event loop: block it, and systemd hears nothing."""
+    async with notifier(manager, WATCHDOG_USEC="200000") as n:
+        task = asyncio.create_task(n.run_watchdog())
+        try:
+            await manager.recv()
+            time.sleep(0.5)  # noqa: ASYNC251 - a stuck loop is what the watchdog is there to catch
+            with pytest.raises(BlockingIOError):
+                manager.sock.recv(4096)  # five intervals blocked: not one ping was sent
+            assert await manager.recv() == {"WATCHDOG": "1"}  # they resume with the loop
+        finally:
+            task.cancel()
+
+
+async def test_no_watchdog_for_another_pid(manager: Manager) -> None:
+    async with notifier(manager, WATCHDOG_USEC="200000", WATCHDOG_PID=str(os.getpid() + 1)) as n:
+        assert n.watchdog_s is None
+        await n.run_watchdog()  # returns at once
+        assert await manager.nothing_within(0.3)
+
+
+def test_environment_parsing() -> None:
+    assert socket_address("/run/systemd/notify") == "/run/systemd/notify"
+    assert socket_address("@abstract") == "\0abstract"
+    assert socket_address("vsock:2:1234") is None
+    assert socket_address("@") is None
+    assert watchdog_interval_s({}) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000"}) == 30.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "soon"}) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "7"}, pid=7) == 0.001
+    assert watchdog_interval_s({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "8"}, pid=7) is None
+
+
+async def test_disabled_without_notify_socket() -> None:
+    async with Notifier({"WATCHDOG_USEC": "200000"}) as n:
+        assert not n.enabled
+        assert n.watchdog_s is None
+        assert not n.ready()
+        assert not n.status("x")
+        await n.run_watchdog()  # return at once
+        await n.keep_status(lambda: "x")
+
+
+async def test_send_failure_does_not_raise() -> None:
+    """systemd gone (socket removed): the daemon carries on."""
+    with tempfile.TemporaryDirectory(prefix="ingestd-notify-") as directory:
+        async with Notifier({"NOTIFY_SOCKET": str(Path(directory) / "gone")}) as n:
+            assert not n.ready()
+            assert not n.watchdog()
