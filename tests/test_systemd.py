@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from ingestd.config import Config
+from ingestd.daemon import Daemon, status_line
+from ingestd.metrics import Metrics
 from ingestd.systemd import Notifier, socket_address, watchdog_interval_s
+from services import MosquittoServer
 
 WAIT_S = 10.0  # for a datagram that must come
 
@@ -153,3 +157,48 @@ async def test_send_failure_does_not_raise() -> None:
         async with Notifier({"NOTIFY_SOCKET": str(Path(directory) / "gone")}) as n:
             assert not n.ready()
             assert not n.watchdog()
+
+
+@pytest.mark.parametrize("manager", ["path"], indirect=True)
+async def test_daemon_ready_only_when_subscribed(
+    manager: Manager, config: Config, broker: MosquittoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", manager.env_value)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    await asyncio.to_thread(broker.stop)
+    daemon = Daemon(config)
+    task = asyncio.create_task(daemon.run(), name="daemon")
+    try:
+        # Database reached, schema current, keys loaded: now it waits for the broker.
+        assert await manager.recv() == {"STATUS": "connecting to the broker"}
+        assert await manager.nothing_within(1.0), "READY=1 (or a ping) before the broker was reached"
+        assert not daemon.ready.is_set()
+
+        # Mosquitto speaks sd_notify too: it must not inherit our test socket.
+        monkeypatch.delenv("NOTIFY_SOCKET")
+        await asyncio.to_thread(broker.start)
+        assert await manager.recv() == {"READY": "1", "STATUS": "ingesting; pending 0"}
+        assert daemon.ready.is_set()
+        assert daemon.metrics.registry.get_sample_value("ingestd_mqtt_connected") == 1
+        assert await manager.recv() == {"WATCHDOG": "1"}
+
+        daemon.should_exit.set()
+        seen = await manager.recv_until("STOPPING")
+        assert seen[-1] == {"STOPPING": "1", "STATUS": "shutting down; draining 0"}
+        await asyncio.wait_for(task, WAIT_S)
+    finally:
+        daemon.should_exit.set()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def test_status_line() -> None:
+    metrics = Metrics()
+    metrics.db_up.set(1)
+    assert status_line(metrics, broker_up=True, in_hand=12) == "ingesting; pending 12"
+    assert status_line(metrics, broker_up=False, in_hand=3) == "broker disconnected, reconnecting; pending 3"
+    metrics.db_up.set(0)  # a batch write failed: nothing is acknowledged meanwhile
+    assert status_line(metrics, broker_up=True, in_hand=800) == "database unreachable, holding 800"
