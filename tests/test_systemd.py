@@ -7,7 +7,10 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
+import shutil
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -16,13 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.config import Config
+from ingestd.config import Config, IngestConfig, load_config
 from ingestd.daemon import Daemon, status_line
 from ingestd.metrics import Metrics
 from ingestd.systemd import Notifier, socket_address, watchdog_interval_s
 from services import MosquittoServer
 
 WAIT_S = 10.0  # for a datagram that must come
+UNIT = Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "ingestd.service"
+SHIPPED_EXEC = "/opt/ingestd/bin/ingestd"
+requires_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
 
 
 class Manager:
@@ -202,3 +210,78 @@ def test_status_line() -> None:
     assert status_line(metrics, broker_up=False, in_hand=3) == "broker disconnected, reconnecting; pending 3"
     metrics.db_up.set(0)  # a batch write failed: nothing is acknowledged meanwhile
     assert status_line(metrics, broker_up=True, in_hand=800) == "database unreachable, holding 800"
+
+
+# -- the unit ------------------------------------------------------------------------------
+
+
+def unit_settings(key: str) -> list[str]:
+    return re.findall(rf"^{key}=(.*)$", UNIT.read_text(encoding="utf-8"), re.MULTILINE)
+
+
+@pytest.fixture
+def unit_copy(tmp_path: Path) -> Path:
+    """The shipped unit, its ExecStart pointed at a file that exists (verify checks that)."""
+    text = UNIT.read_text(encoding="utf-8")
+    assert unit_settings("ExecStart") == [f"{SHIPPED_EXEC} run --config /etc/ingestd/ingestd.toml"]
+    binary = tmp_path / "bin" / "ingestd"
+    binary.parent.mkdir()
+    binary.write_text("#!/bin/sh\n", encoding="utf-8")
+    binary.chmod(0o755)
+    copy = tmp_path / "ingestd.service"
+    copy.write_text(text.replace(SHIPPED_EXEC, str(binary)), encoding="utf-8")
+    return copy
+
+
+@requires_systemd_analyze
+def test_unit_verifies(unit_copy: Path) -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+    # Unknown or misspelled settings are only warnings: none may name our file.
+    complaints = [line for line in result.stderr.splitlines() if unit_copy.name in line]
+    assert result.returncode == 0, result.stderr
+    assert not complaints, complaints
+
+
+@requires_systemd_analyze
+def test_unit_exposure_at_most_2(unit_copy: Path) -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit_copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    assert float(found.group(1)) <= 2.0, result.stdout
+
+
+def test_unit_semantics() -> None:
+    """What the unit promises, checked against ingestd itself (no systemd needed)."""
+    assert unit_settings("Type") == ["notify"]
+    assert unit_settings("NotifyAccess") == ["main"]
+    assert unit_settings("WatchdogSec") == ["30"]
+    assert unit_settings("Restart") == ["on-failure"]
+    # Stop must outlast the drain (shutdown_timeout_s) and the offline announcement (5 s).
+    (stop,) = unit_settings("TimeoutStopSec")
+    assert int(stop) > IngestConfig().shutdown_timeout_s + 5
+    # Secrets: only credential paths in the environment, and every one a real setting.
+    credentials = {line.split(":", 1)[0] for line in unit_settings("LoadCredential")}
+    assert credentials == {"db-password", "mqtt-client.key", "headend.pem"}
+    env = dict(line.split("=", 1) for line in unit_settings("Environment"))
+    settings = {k: v for k, v in env.items() if k.startswith("INGESTD_")}
+    assert settings == {
+        "INGESTD_DATABASE_PASSWORD_FILE": "%d/db-password",
+        "INGESTD_MQTT_KEY_FILE": "%d/mqtt-client.key",
+        "INGESTD_HEADEND_KEY_FILE": "%d/headend.pem",
+    }
+    # Names ingestd knows (a typo would be refused at start); cert_file and kid come from
+    # the configuration file, which they must go together with.
+    expanded = {k: v.replace("%d", "/run/credentials/ingestd.service") for k, v in settings.items()}
+    from_file = {"INGESTD_MQTT_CERT_FILE": "/etc/ingestd/mqtt-client.crt", "INGESTD_HEADEND_KID": "he-1"}
+    config = load_config(env={**expanded, **from_file})
+    assert config.database.password_file == "/run/credentials/ingestd.service/db-password"
+    assert config.mqtt.key_file == "/run/credentials/ingestd.service/mqtt-client.key"
+    assert config.headend.key_file == "/run/credentials/ingestd.service/headend.pem"
