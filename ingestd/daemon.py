@@ -28,6 +28,7 @@ from ingestd.mqtt import MqttLink
 from ingestd.pipeline import Pipeline
 from ingestd.signature import Signer, alg_for_key, load_private_key
 from ingestd.store import Store
+from ingestd.systemd import Notifier
 
 log = structlog.get_logger("ingestd.daemon")
 
@@ -48,6 +49,11 @@ class Daemon:
         self.metrics_port: int | None = None
 
     async def run(self) -> None:
+        # systemd (Type=notify): READY=1, STATUS=, STOPPING=1 and the watchdog; a no-op elsewhere.
+        async with Notifier() as notifier:
+            await self._run(notifier)
+
+    async def _run(self, notifier: Notifier) -> None:
         cfg = self.config
         signer = headend_signer(cfg.headend)
         async with Store(
@@ -59,6 +65,7 @@ class Daemon:
                     f"database schema is not current ({len(pending)} migration(s) pending): "
                     "run 'ingestd migrate'"
                 )
+            self.metrics.db_up.set(1)  # reached, and the schema is current
             keyring = Keyring(store)
             await keyring.load_all()
             self.metrics.keys_loaded.set(len(keyring))
@@ -100,10 +107,20 @@ class Daemon:
                         tg.create_task(requester.run(), name="gaps"),
                         tg.create_task(health.run(), name="health"),
                     ]
+                    notifier.status("connecting to the broker")
                     await link.wait_subscribed()
                     self.ready.set()
+
+                    def describe() -> str:
+                        return status_line(self.metrics, broker_up=link.connected, in_hand=pipeline.in_hand)
+
+                    notifier.ready(describe())
+                    # systemd watches from READY=1 on; the pings come from this loop.
+                    tasks.append(tg.create_task(notifier.run_watchdog(), name="watchdog"))
+                    tasks.append(tg.create_task(notifier.keep_status(describe), name="status"))
                     log.info("ingestd_ready", metrics_port=self.metrics_port, keys=len(keyring))
                     await self.should_exit.wait()
+                    notifier.stopping(f"shutting down; draining {pipeline.in_hand}")
                     log.info("shutdown_started", in_hand=pipeline.in_hand)
                     pipeline.close_intake()
                     drained = await pipeline.drain(cfg.ingest.shutdown_timeout_s)
@@ -119,6 +136,16 @@ class Daemon:
                     for task in tasks:
                         task.cancel()
                 log.info("shutdown_complete", drained=drained)
+
+
+def status_line(metrics: Metrics, *, broker_up: bool, in_hand: int) -> str:
+    """One line for systemd's STATUS= (``systemctl status``): what the daemon is doing."""
+    if metrics.registry.get_sample_value("ingestd_db_up") == 0:
+        # Nothing is acknowledged meanwhile: the broker keeps the rest.
+        return f"database unreachable, holding {in_hand}"
+    if not broker_up:
+        return f"broker disconnected, reconnecting; pending {in_hand}"
+    return f"ingesting; pending {in_hand}"
 
 
 def headend_signer(config: HeadendConfig) -> Signer | None:
