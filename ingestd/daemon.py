@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -108,18 +109,22 @@ class Daemon:
                         tg.create_task(health.run(), name="health"),
                     ]
                     notifier.status("connecting to the broker")
-                    await link.wait_subscribed()
-                    self.ready.set()
+                    # A stop asked for while the broker is still out of reach is honoured
+                    # at once, not after the first successful connection.
+                    if await _first(link.wait_subscribed(), self.should_exit.wait()) == 0:
+                        self.ready.set()
 
-                    def describe() -> str:
-                        return status_line(self.metrics, broker_up=link.connected, in_hand=pipeline.in_hand)
+                        def describe() -> str:
+                            return status_line(
+                                self.metrics, broker_up=link.connected, in_hand=pipeline.in_hand
+                            )
 
-                    notifier.ready(describe())
-                    # systemd watches from READY=1 on; the pings come from this loop.
-                    tasks.append(tg.create_task(notifier.run_watchdog(), name="watchdog"))
-                    tasks.append(tg.create_task(notifier.keep_status(describe), name="status"))
-                    log.info("ingestd_ready", metrics_port=self.metrics_port, keys=len(keyring))
-                    await self.should_exit.wait()
+                        notifier.ready(describe())
+                        # systemd watches from READY=1 on; the pings come from this loop.
+                        tasks.append(tg.create_task(notifier.run_watchdog(), name="watchdog"))
+                        tasks.append(tg.create_task(notifier.keep_status(describe), name="status"))
+                        log.info("ingestd_ready", metrics_port=self.metrics_port, keys=len(keyring))
+                        await self.should_exit.wait()
                     notifier.stopping(f"shutting down; draining {pipeline.in_hand}")
                     log.info("shutdown_started", in_hand=pipeline.in_hand)
                     pipeline.close_intake()
@@ -146,6 +151,17 @@ def status_line(metrics: Metrics, *, broker_up: bool, in_hand: int) -> str:
     if not broker_up:
         return f"broker disconnected, reconnecting; pending {in_hand}"
     return f"ingesting; pending {in_hand}"
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> int:
+    """Wait for the first of ``waits`` to finish; cancel the others; return its index."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return next(i for i, task in enumerate(tasks) if task in done)
 
 
 def headend_signer(config: HeadendConfig) -> Signer | None:
