@@ -52,7 +52,7 @@ $BIN/ingestd migrate
 $BIN/ingestd run >"$STATE/ingestd.log" 2>&1 &
 daemon=$!
 $BIN/ingestd simulate --meters "$DEMO_METERS" --interval "$DEMO_INTERVAL" --state "$STATE/simulator" \
-    --drop "$DEMO_DROP" \
+    --drop "$DEMO_DROP" --tamper 0.002 \
     >"$STATE/simulator.log" 2>&1 &
 simulator=$!
 cleanup() {

@@ -48,6 +48,8 @@ log = structlog.get_logger("ingestd.simulator")
 POWER_LOSS = "001"
 POWER_RESTORED = "002"
 REPLAY_UNAVAILABLE = "010"
+COVER_OPENED = "003"
+COVER_CLOSED = "004"
 
 
 @dataclass(slots=True)
@@ -64,6 +66,7 @@ class VirtualMeter:
     load_w: float = 500.0
     solar: bool = False
     power_lost: bool = False
+    cover_open: bool = False
     last_interval: datetime | None = None
     # Until then the meter has no connectivity: it meters into flash and publishes nothing.
     offline_until: datetime | None = None
@@ -303,6 +306,7 @@ class Faults:
     offline_s: float = 30.0
     reset: float = 0.0  # firmware reset: a new epoch starting at seq 1
     forget: float = 0.0  # a replay request is answered with 010 (the data is gone)
+    tamper: float = 0.0  # the meter cover is opened (003), and closed (004) by the next message
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +361,11 @@ class Fleet:
         if self.online(meter, now) and f.offline and rng.random() < f.offline:
             meter.offline_until = now + timedelta(seconds=f.offline_s)
         body = meter.next_body(now, rng, event_rate=event_rate)
+        if meter.cover_open or (f.tamper and rng.random() < f.tamper):
+            # The body is the one kept in flash: a replay carries the same events.
+            code = COVER_CLOSED if meter.cover_open else COVER_OPENED
+            meter.cover_open = not meter.cover_open
+            body.setdefault("events", []).append({"t": format_time(now), "code": code, "detail": {}})
         meter.prune(now, self.retention)
         if not self.online(meter, now) or (f.drop and rng.random() < f.drop):
             self.stats.dropped += 1
@@ -509,6 +518,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument(
         "--forget", type=float, default=0.0, metavar="P", help="per replay request: answer 010 (data gone)"
     )
+    faults.add_argument(
+        "--tamper",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="per message: the meter cover is opened (event 003)",
+    )
 
 
 async def run_from_args(config: Config, args: argparse.Namespace) -> int:
@@ -520,7 +536,7 @@ async def run_from_args(config: Config, args: argparse.Namespace) -> int:
         raise UsageError(f"--meters must be at least 1, got {args.meters}")
     if args.interval <= 0:
         raise UsageError(f"--interval must be greater than 0, got {args.interval}")
-    for name in ("event_rate", "drop", "offline", "reset", "forget"):
+    for name in ("event_rate", "drop", "offline", "reset", "forget", "tamper"):
         if not 0 <= getattr(args, name) <= 1:
             option = "--" + name.replace("_", "-")
             raise UsageError(f"{option} must be between 0 and 1, got {getattr(args, name)}")
@@ -560,7 +576,9 @@ async def run_from_args(config: Config, args: argparse.Namespace) -> int:
                 fleet,
                 topic_prefix=cfg.topic_prefix,
                 headend=headend_key_from_config(config),
-                faults=Faults(args.drop, args.offline, args.offline_for, args.reset, args.forget),
+                faults=Faults(
+                    args.drop, args.offline, args.offline_for, args.reset, args.forget, args.tamper
+                ),
                 seed=args.seed,
                 stats=stats,
             )

@@ -7,7 +7,10 @@ import random
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ingestd.simulator import KeyFactory, build_fleet, save_state
+import aiomqtt
+
+from ingestd.simulator import Faults, Fleet, KeyFactory, build_fleet, save_state
+from services import MosquittoServer
 
 
 def test_clean_restart_continues_the_sequence(tmp_path: Path, key_factory: KeyFactory) -> None:
@@ -26,3 +29,14 @@ def test_unclean_stop_starts_a_new_epoch(tmp_path: Path, key_factory: KeyFactory
     again = build_fleet(1, algs=("EdDSA",), state_dir=tmp_path, keys=key_factory)
     assert (again[0].epoch, again[0].seq) == (1, 0)
     assert again[0].next_body(datetime.now(UTC), random.Random(1))["seq"] == 1
+
+
+async def test_tamper_opens_then_closes_the_cover(broker: MosquittoServer, key_factory: KeyFactory) -> None:
+    meters = build_fleet(1, algs=("EdDSA",), keys=key_factory)
+    async with aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        fleet = Fleet(client, meters, topic_prefix="meters", headend=None, faults=Faults(tamper=1.0))
+        for _ in range(3):
+            await fleet.tick(meters[0])
+    codes = [[e["code"] for e in body.get("events", [])] for _, body in meters[0].flash.values()]
+    assert codes == [["003"], ["004"], ["003"]]
+    assert fleet.stats.published == 3
