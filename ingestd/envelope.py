@@ -87,20 +87,26 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
-    """A message that passed every check: signed by a valid key of the meter it names."""
+class Body:
+    """A signed body that passed validation (not yet matched to its key or topic)."""
 
     meter_id: str
     epoch: int
     seq: int
     sent: datetime
     replay: bool
-    kid: str
     readings: tuple[Reading, ...]
     events: tuple[Event, ...]
     # Identifies the content (readings and events), not the bytes: a replay re-signs the
     # same data with a new `sent`, and must be recognised as the same message.
     digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Message(Body):
+    """A message that passed every check: signed by a valid key of the meter it names."""
+
+    kid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,18 +227,6 @@ def _check_signed(
         events=body.events,
         digest=body.digest,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Body:
-    meter_id: str
-    epoch: int
-    seq: int
-    sent: datetime
-    replay: bool
-    readings: tuple[Reading, ...]
-    events: tuple[Event, ...]
-    digest: bytes
 
 
 def parse_body(raw: bytes) -> Body:

@@ -81,7 +81,7 @@ def accept(
         "events": events or [],
     }
     b = parse_body(orjson.dumps(body))
-    message = Message(b.meter_id, b.epoch, b.seq, b.sent, b.replay, "k", b.readings, b.events, b.digest)
+    message = Message(b.meter_id, b.epoch, b.seq, b.sent, b.replay, b.readings, b.events, b.digest, kid="k")
     return Accept(message, f"meters/{meter}/up", orjson.dumps(body), at)
 
 
