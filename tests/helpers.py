@@ -75,3 +75,17 @@ async def wait_settled(registry: CollectorRegistry, received: int, *, within_s: 
         within_s=within_s,
         what=f"{received} messages received and committed",
     )
+
+
+async def retained_state(host: str, port: int, instance: str) -> dict[str, object]:
+    """The retained message on headend/{instance}/state, as a meter reads it."""
+    async with aiomqtt.Client(
+        host, port, identifier=f"meter-{uuid.uuid4().hex[:6]}", protocol=aiomqtt.ProtocolVersion.V5
+    ) as client:
+        await client.subscribe(f"headend/{instance}/state", qos=1)
+        async with asyncio.timeout(10):
+            message = await anext(client.messages)
+    assert message.retain
+    state = orjson.loads(message.payload)
+    assert isinstance(state, dict)
+    return state

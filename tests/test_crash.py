@@ -26,6 +26,7 @@ import asyncpg
 import orjson
 import pytest
 
+from helpers import retained_state
 from ingestd.config import Config
 from ingestd.simulator import KeyFactory, build_fleet, register_fleet
 from ingestd.store import Store
@@ -459,3 +460,51 @@ async def test_sigterm_while_intake_is_paused_takes_no_more_messages(
         f"second daemon: received {restart.received:.0f}, duplicates {restart.duplicates:.0f}"
     )
     assert committed_at_stop == received
+
+
+async def test_sigkill_leaves_the_will_offline_state(config: Config, tmp_path: Path) -> None:
+    """Meters learn that the head-end is gone even when it cannot say so itself."""
+    host, port, instance = config.mqtt.host, config.mqtt.port, config.headend.instance
+    async with _daemon(config, tmp_path / "daemon.log") as daemon:
+        assert (await retained_state(host, port, instance))["online"] is True
+        daemon.proc.send_signal(signal.SIGKILL)
+        await daemon.proc.wait()
+    assert (await retained_state(host, port, instance))["online"] is False
+
+
+async def test_a_second_signal_exits_at_once(
+    config: Config, db: Conn, key_factory: KeyFactory, tmp_path: Path
+) -> None:
+    """Draining is stuck behind a database lock; a second SIGTERM does not wait for it.
+    Nothing is lost: what was not committed was not acknowledged either."""
+    messages = await _prepare(config, key_factory)
+    stall = db.transaction()
+    await stall.start()
+    try:
+        await db.execute("LOCK TABLE message_seqs IN ACCESS EXCLUSIVE MODE")
+        async with _daemon(config, tmp_path / "first.log") as first:
+            await _publish(config, messages, Publisher())
+
+            async def received() -> bool:
+                return _sample(await first.metrics(), "ingestd_messages_received_total") > 0
+
+            await first.poll(received, within_s=STORED_WITHIN_S, what="messages to arrive")
+            first.proc.send_signal(signal.SIGTERM)
+
+            async def stopping() -> bool:
+                return any(e.get("event") == "shutdown_started" for e in first.log_events())
+
+            await first.poll(stopping, within_s=EXIT_WITHIN_S, what="shutdown to start")
+            assert first.proc.returncode is None  # still draining, behind the lock
+            first.proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(5):
+                status = await first.proc.wait()
+            assert status == 1
+            assert any(e.get("event") == "forced_exit" for e in first.log_events())
+    finally:
+        if db.is_in_transaction():
+            await stall.rollback()
+    await _wait_backends_gone(db)
+    assert await _count(db, "message_seqs") == 0
+    await _restart_and_store_the_rest(config, db, tmp_path / "second.log", 0, {})
+    await _assert_exactly_once(db, messages)

@@ -3,40 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-
-import aiomqtt
-import orjson
 
 from conftest import running_daemon
-from helpers import wait_until
+from helpers import retained_state, wait_until
 from ingestd.config import Config
 from ingestd.daemon import Daemon
 from services import MosquittoServer
 
 
-async def retained_state(config: Config) -> dict[str, object]:
-    """The retained message on headend/{instance}/state, as a meter would read it."""
-    topic = f"headend/{config.headend.instance}/state"
-    async with aiomqtt.Client(
-        config.mqtt.host,
-        config.mqtt.port,
-        identifier=f"meter-{uuid.uuid4().hex[:6]}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-    ) as client:
-        await client.subscribe(topic, qos=1)
-        async with asyncio.timeout(10):
-            message = await anext(client.messages)
-    assert message.retain
-    state = orjson.loads(message.payload)
-    assert isinstance(state, dict)
-    return state
-
-
 async def test_state_is_online_while_running_and_offline_after_a_clean_stop(config: Config) -> None:
     async with running_daemon(config):
-        assert (await retained_state(config))["online"] is True
-    assert (await retained_state(config))["online"] is False
+        assert (await retained_state(config.mqtt.host, config.mqtt.port, config.headend.instance))[
+            "online"
+        ] is True
+    assert (await retained_state(config.mqtt.host, config.mqtt.port, config.headend.instance))[
+        "online"
+    ] is False
 
 
 async def test_stop_while_the_broker_is_unreachable_is_prompt(
