@@ -115,6 +115,7 @@ class Pipeline:
         self._in_hand += 1
         self._idle.clear()
         self._metrics.received.inc()
+        self._metrics.pending.set(self._in_hand)
         self._arrived.set()
         if len(self._pending) >= self._config.batch_max:
             self._full.set()

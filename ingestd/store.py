@@ -40,6 +40,11 @@ CONNECTION_ERRORS: Final = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # A server that ends an idle pooled connection (shutdown, restart) sends a FATAL error
+    # and then closes the socket; a query sent between the two finds asyncpg's protocol
+    # stuck ("cannot switch to state 15; another operation (2) is in progress",
+    # MagicStack/asyncpg#784). The connection is dead: retry on another, like any lost one.
+    asyncpg.InternalClientError,
     TimeoutError,
 )
 
