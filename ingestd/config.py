@@ -32,11 +32,15 @@ class DatabaseConfig:
     password_file: str = ""
     pool_size: int = 4
     connect_timeout_s: float = 10.0
+    # A statement still running after this long is cancelled and its batch retried: a
+    # connection that went silent (a network partition) must not hang the writer.
+    command_timeout_s: float = 60.0
 
     def validate(self) -> None:
         _require_url("database.url", self.url, ("postgresql", "postgres"))
         _require_range("database.pool_size", self.pool_size, 2, 64)
         _require_range("database.connect_timeout_s", self.connect_timeout_s, 0.1, 600)
+        _require_range("database.command_timeout_s", self.command_timeout_s, 0.1, 3600)
 
 
 @dataclass(frozen=True, slots=True)

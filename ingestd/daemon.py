@@ -97,13 +97,16 @@ class Daemon:
             )
             metrics_server = MetricsServer(self.metrics, cfg.metrics.addr)
             health = HealthMonitor(cfg.flags, store=store, metrics=self.metrics, now=self._now)
-            async with metrics_server, pipeline, store.key_changes(keyring.changed), health:
+            async with metrics_server, pipeline, health:
                 self.metrics_port = metrics_server.port
                 async with asyncio.TaskGroup() as tg:
                     tasks = [
                         tg.create_task(pipeline.run_verifier(), name="verify"),
                         tg.create_task(pipeline.run_writer(), name="write"),
                         tg.create_task(keyring.watch(cfg.ingest.key_refresh_s), name="keys"),
+                        tg.create_task(
+                            store.listen_keys(keyring.changed, keyring.resync), name="key-listener"
+                        ),
                         tg.create_task(link.run(), name="mqtt"),
                         tg.create_task(requester.run(), name="gaps"),
                         tg.create_task(health.run(), name="health"),

@@ -31,6 +31,7 @@ class Keyring:
         self._missing: dict[str, float] = {}
         self._monotonic = monotonic
         self._changed: set[str] = set()
+        self._resync = False
         self._wakeup = asyncio.Event()
 
     def __len__(self) -> int:
@@ -69,6 +70,11 @@ class Keyring:
         self._missing.pop(kid, None)
         self._wakeup.set()
 
+    def resync(self) -> None:
+        """Notifications may have been missed: reload every key at the next wake-up."""
+        self._resync = True
+        self._wakeup.set()
+
     async def watch(self, refresh_s: float) -> None:
         """Apply changes as they are announced, and reload everything every ``refresh_s``
         (a safety net for a notification missed while the listening connection was down)."""
@@ -82,7 +88,8 @@ class Keyring:
                 pass
             self._wakeup.clear()
             try:
-                if loop.time() >= next_full:
+                if self._resync or loop.time() >= next_full:
+                    self._resync = False
                     await self.load_all()
                     self._changed.clear()
                     next_full = loop.time() + refresh_s

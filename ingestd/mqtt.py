@@ -88,6 +88,7 @@ class MqttLink:
         self._paused = False
         self._subscribed = asyncio.Event()
         self._guard: asyncio.Task[None] | None = None
+        self._established = False
 
     @property
     def connected(self) -> bool:
@@ -107,11 +108,15 @@ class MqttLink:
     async def _reconnect_forever(self) -> None:
         delay = self._config.reconnect_initial_s
         while True:
+            self._established = False
             try:
                 await self._session()
-                delay = self._config.reconnect_initial_s
             except aiomqtt.MqttError as exc:
-                log.warning("mqtt_disconnected", error=str(exc), retry_in_s=round(delay, 2))
+                log.warning("mqtt_disconnected", error=str(exc))
+            if self._established:
+                # The back-off is for a broker that keeps refusing us, not for the
+                # outages of one that worked: after a good session, start again quickly.
+                delay = self._config.reconnect_initial_s
             self._subscribed.clear()
             self._on_state(False)  # noqa: FBT003 - the callback's one argument
             # Full jitter: a fleet of head-ends (or a restarted broker) must not reconnect in step.
@@ -129,6 +134,7 @@ class MqttLink:
                 if self._paused:
                     self._set_reading(paused=True)
                 self._subscribed.set()
+                self._established = True
                 self._on_state(True)  # noqa: FBT003 - the callback's one argument
                 log.info("mqtt_subscribed", topic=self._config.uplink_filter, url=self._config.url)
                 await _disconnected(client)
@@ -270,7 +276,7 @@ class MqttLink:
             sink(Delivery(topic, payload, mid, 1, datetime.now(UTC), connection))
 
         inner.on_message = on_message
-        _FastReceive(inner, on_qos1).install()
+        _FastReceive(inner, on_qos1, lambda: self._paused).install()
         return client
 
     def _set_reading(self, *, paused: bool) -> None:
@@ -285,7 +291,10 @@ class MqttLink:
         fd = sock.fileno()
         loop.remove_reader(fd)
         if not paused:
-            loop.add_reader(fd, _read_callback(client))
+            callback = _read_callback(client)
+            loop.add_reader(fd, callback)
+            # What the receive buffer already holds does not make the socket readable.
+            loop.call_soon(callback)
 
 
 def _state(*, online: bool) -> bytes:
@@ -314,9 +323,17 @@ class _FastReceive:
 
     _READ_SIZE: Final = 256 * 1024
 
-    def __init__(self, inner: paho.Client, on_qos1: Callable[[str, bytes, int], None]) -> None:
+    def __init__(
+        self,
+        inner: paho.Client,
+        on_qos1: Callable[[str, bytes, int], None],
+        paused: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._inner = inner
         self._on_qos1 = on_qos1
+        # Checked after every packet: a pause stops delivery at once, not at the end of the
+        # buffer (up to 256 KiB of messages past max_pending).
+        self._paused = paused
         self._buffer = b""
         self._pos = 0
         self._sock: object = None
@@ -336,7 +353,7 @@ class _FastReceive:
     def _loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         while True:
             rc = self._paho_loop_read(max_packets)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._pos >= len(self._buffer):
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._pos >= len(self._buffer) or self._paused():
                 return rc
 
     def _recv(self, bufsize: int) -> bytes:

@@ -8,6 +8,7 @@ caller acknowledges upstream only after ``write_batch`` returns, i.e. after the 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -20,12 +21,15 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 import asyncpg
 import orjson
+import structlog
 
 from ingestd.config import DatabaseConfig, GapsConfig, read_secret
 from ingestd.envelope import Message, MeterKey
 from ingestd.errors import RejectReason, ServiceUnavailable, UsageError
 from ingestd.gaps import GapCounts, seen_from, track_seqs
 from ingestd.signature import Alg, is_alg, load_public_key
+
+log = structlog.get_logger("ingestd.store")
 
 KEYS_CHANNEL: Final = "ingestd_keys"
 _MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
@@ -157,6 +161,7 @@ class Store:
                 **connect_kwargs(self._config),
                 min_size=1,
                 max_size=self._config.pool_size,
+                command_timeout=self._config.command_timeout_s,
                 init=_init_connection,
             )
         except CONNECTION_ERRORS as exc:
@@ -349,19 +354,48 @@ class Store:
             )
         return keys
 
-    @asynccontextmanager
-    async def key_changes(self, callback: Callable[[str], None]) -> AsyncIterator[None]:
-        """Call ``callback(kid)`` whenever a key is added, changed or removed."""
+    async def listen_keys(
+        self,
+        changed: Callable[[str], None],
+        resync: Callable[[], None],
+        *,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 30.0,
+    ) -> None:
+        """Call ``changed(kid)`` whenever a key is added, changed or removed, until
+        cancelled. The listening connection is re-established when it is lost, and
+        ``resync()`` is called then: notifications sent meanwhile are gone."""
+        delay = retry_initial_s
+        connections = 0
+
+        def connected() -> None:
+            nonlocal connections, delay
+            connections += 1
+            delay = retry_initial_s
+            if connections > 1:
+                log.info("key_listener_reconnected")
+                resync()
+
+        while True:
+            try:
+                await self._listen_once(changed, connected)
+                log.warning("key_listener_lost")
+            except (*CONNECTION_ERRORS, asyncpg.InternalClientError) as exc:
+                log.warning("key_listener_failed", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, retry_max_s)
+
+    async def _listen_once(self, changed: Callable[[str], None], connected: Callable[[], None]) -> None:
+        """One listening connection, from connect to loss."""
+        lost = asyncio.Event()
         conn: Connection = await asyncpg.connect(**connect_kwargs(self._config))
-
-        def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
-            callback(str(payload))
-
         try:
-            await conn.add_listener(KEYS_CHANNEL, on_notify)
-            yield
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(KEYS_CHANNEL, lambda _c, _p, _ch, payload: changed(str(payload)))
+            connected()
+            await lost.wait()
         finally:
-            await conn.close()
+            conn.terminate()
 
     # -- the batch write --------------------------------------------------------------
 
