@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from conftest import running_daemon
 from helpers import metric, publish, wait_settled
 from ingestd.config import Config
-from ingestd.envelope import MAX_PAYLOAD, format_time, topic_meter
+from ingestd.envelope import MAX_INT64, MAX_PAYLOAD, format_time, topic_meter
 from ingestd.errors import REJECT_REASONS, RejectReason
 from ingestd.signature import (
     Alg,
@@ -467,6 +467,23 @@ async def test_attack_is_rejected_counted_quarantined_and_harmless(
     assert await db.fetchval("SELECT count(*) FROM message_seqs") == 1
     assert await db.fetchval("SELECT count(*) FROM readings WHERE meter_id <> 'HONEST-1'") == 0
     assert await db.fetchval("SELECT count(*) FROM events") == 0
+
+
+async def test_largest_seq_is_accepted_and_the_daemon_keeps_going(
+    scene: Scene, config: Config, db: Conn
+) -> None:
+    """seq 2^63-1 is valid (2^63 is not: seq-2-63 above). As the first message of its
+    epoch it skips nearly 2^63 seqs: that must cost the daemon nothing special."""
+    body = scene.body(scene.rogue, seq=MAX_INT64)
+    async with running_daemon(config) as daemon:
+        registry = daemon.metrics.registry
+        await publish(
+            config.mqtt.host, config.mqtt.port, [(scene.up(scene.rogue), signed(scene.rogue.signer, body))]
+        )
+        await wait_settled(registry, 1, within_s=10)
+        assert metric(registry, "ingestd_messages_accepted_total") == 1
+        await _honest_message_is_stored(scene, config, registry, db, 1)
+    assert await db.fetchval("SELECT max_seq FROM meter_epochs WHERE meter_id = 'ROGUE-1'") == MAX_INT64
 
 
 # -- replays ---------------------------------------------------------------------------
