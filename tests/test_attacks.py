@@ -368,6 +368,21 @@ def _repeated_body_member(s: Scene) -> list[tuple[str, bytes]]:
     return [(s.up(s.rogue), signed(s.rogue.signer, raw))]
 
 
+def _unrepresentable_times(s: Scene) -> list[tuple[str, bytes]]:
+    # Valid RFC 3339, but the database driver sends datetime.min and datetime.max as
+    # -infinity and infinity: a time that must be refused at the check, not by the database
+    # (nor stored as infinity).
+    rogue = s.rogue
+    bodies = [
+        s.body(rogue, readings=[{"t": "0001-01-01T00:00:00Z", "import_wh": 1}]),
+        s.body(rogue, readings=[{"t": "0001-01-01T01:00:00+01:00", "import_wh": 1}]),
+        s.body(rogue, readings=[{"t": "9999-12-31T23:59:59.9999999Z", "import_wh": 1}]),
+        s.body(rogue, events=[{"t": "9999-12-31T23:59:59.999999Z", "code": "001"}]),
+        s.body(rogue, sent="0001-01-01T00:00:00Z"),
+    ]
+    return [(s.up(rogue), signed(rogue.signer, b)) for b in bodies]
+
+
 CASES: dict[str, Case] = {
     "alg-none-unsigned": Case("bad_envelope", _alg_none, "unsupported alg"),
     "rs256-header-on-es256-key": Case("alg_mismatch", _rs256_on_es256_key, "header alg RS256"),
@@ -397,6 +412,7 @@ CASES: dict[str, Case] = {
     "nul-in-header": Case("bad_envelope", _nul_in_header, "kid must be"),
     "raw-nul-in-envelope": Case("bad_json", _raw_nul_in_envelope, "unexpected"),
     "escaped-nul-in-envelope": Case("bad_envelope", _escaped_nul_in_envelope, "base64url"),
+    "unrepresentable-times": Case("bad_body", _unrepresentable_times, "not an RFC 3339 date-time"),
     "repeated-envelope-member": Case("bad_envelope", _repeated_envelope_member, "repeat"),
     "repeated-body-member": Case("bad_body", _repeated_body_member, "repeat"),
 }
