@@ -35,6 +35,9 @@ _RFC3339: Final = re.compile(
 )
 _TIME_CACHE_SIZE: Final = 4096
 _TIME_CACHE: Final[dict[str, datetime]] = {}
+# asyncpg sends these two as -infinity and infinity: the first fails a hypertable insert
+# (the whole batch with it), the second would be stored as the time 'infinity'.
+_UNREPRESENTABLE: Final = frozenset({datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)})
 # \u0000 after an even number of backslashes: an escaped NUL, not the text "\\u0000".
 _NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 # Nesting allowed inside a reading's extra fields or an event's detail.
@@ -309,10 +312,13 @@ def _parse_time(value: str) -> datetime:
     fraction = (fraction or "")[:7]
     offset = "+00:00" if offset in {"Z", "z"} else offset
     try:
-        return datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}").astimezone(UTC)
+        instant = datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}").astimezone(UTC)
     except OverflowError:
         # A time within years 1-9999 locally but not in UTC.
         raise ValueError("date-time out of range") from None
+    if instant in _UNREPRESENTABLE:
+        raise ValueError("date-time out of range")
+    return instant
 
 
 def format_time(value: datetime) -> str:

@@ -34,6 +34,11 @@ log = structlog.get_logger("ingestd.gaps")
 
 REPLAY_UNAVAILABLE: Final = "010"
 ACTIVE: Final = ("open", "requested")
+# A skip of more than this many replay requests' worth of seqs (max_range each) is chased
+# only for its newest part; the older part is recorded as lost at once (100,000 seqs by
+# default: over two years of 15-minute messages), so that a seq jump to 2^63-1 (a broken
+# or stolen meter) costs a bounded number of rows, not 2^63 / max_range of them.
+MAX_CHASED_REQUESTS: Final = 100
 
 Range = tuple[int, int]
 
@@ -60,6 +65,14 @@ def new_gaps(previous_max: int, seqs: Iterable[int]) -> list[Range]:
             ranges.append((expected, seq - 1))
         expected = seq + 1
     return ranges
+
+
+def bound_gap(rng: Range, limit: int) -> tuple[Range, Range | None]:
+    """``rng`` split into the newest ``limit`` seqs (chased) and what is older (or None)."""
+    low, high = rng
+    if high - low + 1 <= limit:
+        return rng, None
+    return (high - limit + 1, high), (low, high - limit)
 
 
 def chunks(rng: Range, size: int) -> list[Range]:
@@ -156,11 +169,16 @@ async def track_seqs(
     )
     previous = {(r["meter_id"], r["epoch"]): r["max_seq"] for r in rows}
     detected: list[tuple[str, int, int, int]] = []
+    given_up: list[tuple[str, int, int, int]] = []
     late: dict[tuple[str, int], list[int]] = {}
     for key in keys:
         prev = previous.get(key, 0)
         for gap in new_gaps(prev, seen[key].new_seqs):
-            detected.extend((key[0], key[1], a, b) for a, b in chunks(gap, config.max_range))
+            chased, older = bound_gap(gap, MAX_CHASED_REQUESTS * config.max_range)
+            if older is not None:
+                given_up.append((key[0], key[1], *older))
+                log.warning("seq_jump", meter=key[0], epoch=key[1], lost_from=older[0], lost_to=older[1])
+            detected.extend((key[0], key[1], a, b) for a, b in chunks(chased, config.max_range))
         below = [s for s in seen[key].new_seqs if s <= prev]
         if below:
             late[key] = below
@@ -187,6 +205,19 @@ async def track_seqs(
             now + timedelta(seconds=config.grace_s),
         )
         counts.detected += len(detected)
+    if given_up:
+        await conn.execute(
+            """INSERT INTO gaps (meter_id, epoch, from_seq, to_seq, status, detected_at, closed_at)
+               SELECT m, e, a, b, 'lost', $5, $5
+               FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(m, e, a, b)""",
+            [g[0] for g in given_up],
+            [g[1] for g in given_up],
+            [g[2] for g in given_up],
+            [g[3] for g in given_up],
+            now,
+        )
+        counts.detected += len(given_up)
+        counts.lost += len(given_up)
     for key, seqs in late.items():
         counts = counts.plus(await _fill(conn, key, seqs, now))
     for key in keys:

@@ -975,10 +975,28 @@ def test_parse_time_rejects_offset_minutes_over_59(text: str) -> None:
         parse_time(text)
 
 
-@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-01:00",
+        # datetime.min and datetime.max, which the database driver turns into -infinity
+        # and infinity: found by test_fuzz_store.py.
+        "0001-01-01T00:00:00Z",
+        "0001-01-01T01:00:00+01:00",
+        "9999-12-31T23:59:59.999999Z",
+        "9999-12-31T23:59:59.999999999Z",
+        "9999-12-31T22:59:59.999999-01:00",
+    ],
+)
 def test_parse_time_out_of_range_after_offset_is_a_value_error(text: str) -> None:
     with pytest.raises(ValueError, match=r"."):
         parse_time(text)
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00.000001Z", "9999-12-31T23:59:59.999998Z"])
+def test_parse_time_just_inside_the_representable_range(text: str) -> None:
+    assert parse_time(text).year in {1, 9999}
 
 
 def test_sent_out_of_range_after_offset_is_bad_body(fleet: Fleet) -> None:

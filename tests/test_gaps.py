@@ -13,7 +13,16 @@ import pytest
 
 from ingestd.config import DatabaseConfig, GapsConfig
 from ingestd.envelope import Message, format_time, parse_body
-from ingestd.gaps import GapRequester, backoff, chunks, missing_ranges, new_gaps, subtract
+from ingestd.gaps import (
+    MAX_CHASED_REQUESTS,
+    GapRequester,
+    backoff,
+    bound_gap,
+    chunks,
+    missing_ranges,
+    new_gaps,
+    subtract,
+)
 from ingestd.metrics import Metrics
 from ingestd.signature import Signer, b64url_decode, generate_private_key, verify
 from ingestd.store import Accept, Store
@@ -50,6 +59,12 @@ def test_chunks_and_subtract() -> None:
     assert subtract((1, 10), (11, 20)) == ([(1, 10)], None)
 
 
+def test_bound_gap() -> None:
+    assert bound_gap((1, 10), 10) == ((1, 10), None)
+    assert bound_gap((1, 11), 10) == ((2, 11), (1, 1))
+    assert bound_gap((1, 2**63 - 2), 1000) == ((2**63 - 1001, 2**63 - 2), (1, 2**63 - 1002))
+
+
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     rng = random.Random(3)
     for attempts, base in ((1, 60), (2, 120), (3, 240), (10, 3600)):
@@ -76,7 +91,11 @@ def accept(
         "seq": seq,
         "sent": format_time(T0),
         "readings": [
-            {"t": format_time(T0 - timedelta(days=30) + timedelta(minutes=15 * seq)), "import_wh": seq}
+            # (modulo: any seq up to 2^63-1 gets a representable interval)
+            {
+                "t": format_time(T0 - timedelta(days=30) + timedelta(minutes=15 * (seq % 10**6))),
+                "import_wh": seq,
+            }
         ],
         "events": events or [],
     }
@@ -144,6 +163,26 @@ async def test_new_epoch_neither_opens_nor_closes_old_gaps(gstore: Store, db: Co
 async def test_long_outage_is_split_at_max_range(gstore: Store, db: Conn) -> None:
     await write(gstore, accept("M1", 1), accept("M1", 2502))
     assert await gaps(db) == [(0, 2, 1001, "open"), (0, 1002, 2001, "open"), (0, 2002, 2501, "open")]
+
+
+async def test_seq_jump_to_the_largest_seq_costs_a_bounded_number_of_rows(gstore: Store, db: Conn) -> None:
+    """A broken or stolen meter that jumps to seq 2^63-1: only the newest part of the skip is
+    chased (MAX_CHASED_REQUESTS requests' worth), the rest is lost at once; before, the
+    batch write tried to build 2^63 / max_range gap rows and hung the daemon."""
+    top = 2**63 - 1
+    chased = MAX_CHASED_REQUESTS * CFG.max_range
+    result = await asyncio.wait_for(write(gstore, accept("M1", 1), accept("M1", top)), timeout=30)
+    assert result.gaps.detected == MAX_CHASED_REQUESTS + 1
+    assert result.gaps.lost == 1
+    found = await gaps(db)
+    assert found[0] == (0, 2, top - chased - 1, "lost")
+    assert found[1:] == [
+        (0, low, low + CFG.max_range - 1, "open") for low in range(top - chased, top - 1, CFG.max_range)
+    ]
+    assert await db.fetchval("SELECT closed_at FROM gaps WHERE status = 'lost'") == T0
+    # A skip just within the bound is chased whole.
+    await write(gstore, accept("M2", 1), accept("M2", chased + 2))
+    assert [g[3] for g in await gaps(db, "M2")] == ["open"] * MAX_CHASED_REQUESTS
 
 
 async def test_event_010_marks_the_range_lost_at_once(gstore: Store, db: Conn) -> None:
