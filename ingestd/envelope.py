@@ -44,6 +44,7 @@ _NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 MAX_DEPTH: Final = 32
 _HEADER_KEYS: Final = frozenset({"alg", "kid"})
 _ENVELOPE_KEYS: Final = frozenset({"protected", "payload", "signature"})
+_ENVELOPE_NAMES: Final = (b'"protected"', b'"payload"', b'"signature"')
 _READING_KEYS: Final = frozenset({"t", "import_wh", "export_wh"})
 
 
@@ -144,6 +145,13 @@ def parse_envelope(payload: bytes) -> Header:
         raise Rejected("bad_envelope", "not a JSON object")
     if envelope.keys() != _ENVELOPE_KEYS:
         raise Rejected("bad_envelope", "members must be exactly protected, payload, signature")
+    # The JSON parser keeps the last of repeated members; another parser (an auditor's)
+    # may keep the first. Our three members hold base64url only, so a valid envelope never
+    # needs an escape, and then each member name appears literally, exactly once.
+    if b"\\" in payload:
+        raise Rejected("bad_envelope", "escape sequences are not allowed (members are plain base64url)")
+    if any(payload.count(name) > 1 for name in _ENVELOPE_NAMES):
+        raise Rejected("bad_envelope", "a member is repeated")
     protected, body64, sig64 = envelope["protected"], envelope["payload"], envelope["signature"]
     if not (isinstance(protected, str) and isinstance(body64, str) and isinstance(sig64, str)):
         raise Rejected("bad_envelope", "protected, payload and signature must be strings")
