@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -30,12 +29,11 @@ from typing import Any
 
 import asyncpg
 import orjson
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from helpers import FastPublisher  # noqa: E402
 from ingestd.config import DatabaseConfig  # noqa: E402
 from ingestd.envelope import format_time  # noqa: E402
 from ingestd.signature import Signer, generate_private_key, public_key_pem  # noqa: E402
@@ -84,41 +82,6 @@ def presign(
         }
         messages.append((f"{PREFIX}/{meter}/up", signer.sign_body(orjson.dumps(body), protected[signer.kid])))
     return messages
-
-
-class Publisher:
-    """A fast QoS 1 publisher (paho in its own network thread)."""
-
-    def __init__(self, port: int) -> None:
-        self.acked = 0
-        self._lock = threading.Lock()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id="bench-publisher", protocol=paho.MQTTv5
-        )
-        self.client.max_inflight_messages_set(1000)
-        self.client.max_queued_messages_set(0)
-        self.client.on_publish = self._on_publish
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_publish(self, *_args: object) -> None:
-        with self._lock:
-            self.acked += 1
-
-    def publish(self, messages: list[tuple[str, bytes]]) -> None:
-        for topic, payload in messages:
-            self.client.publish(topic, payload, qos=1)
-
-    def wait_acked(self, count: int, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while self.acked < count:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"broker acknowledged {self.acked} of {count}")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -287,9 +250,9 @@ def main() -> int:
         daemon.wait(30)
 
         print(f"phase 1: queueing {len(backlog)} messages at the broker ...", flush=True)
-        publisher = Publisher(broker.port)
+        publisher = FastPublisher("127.0.0.1", broker.port, "bench-publisher")
         publisher.publish(backlog)
-        publisher.wait_acked(len(backlog))
+        publisher.wait_acked(len(backlog), timeout=600)
 
         assert broker._proc is not None  # noqa: SLF001 - the bench measures the broker's CPU
         broker_pid, pg_pid = broker._proc.pid, pg._postmaster_pid()  # noqa: SLF001
@@ -346,7 +309,7 @@ def main() -> int:
             ahead = t_start + published / args.rate - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
-        publisher.wait_acked(len(backlog) + total)
+        publisher.wait_acked(len(backlog) + total, timeout=600)
         achieved = total / (time.monotonic() - t_start)
         metrics = wait_metric(metrics_port, "ingestd_messages_received_total", len(backlog) + total)
         metrics = wait_metric(metrics_port, "ingestd_messages_accepted_total", len(backlog) + total)

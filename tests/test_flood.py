@@ -29,8 +29,6 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,11 +38,9 @@ from typing import TYPE_CHECKING
 import aiomqtt
 import asyncpg
 import orjson
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import running_daemon
-from helpers import finished, metric, publish, wait_settled, wait_until
+from helpers import FastPublisher, finished, metric, publish, wait_settled, wait_until
 from ingestd.config import Config
 from ingestd.errors import RejectReason
 from ingestd.signature import Signer, b64url_encode, public_key_pem
@@ -60,41 +56,6 @@ SLICES = 20  # honest messages per meter: one after every slice of the rest of t
 SLICE = 500  # flood messages per slice
 FLOOD = BACKLOG + SLICES * SLICE
 MAX_HONEST_DELAY_S = 10.0
-
-
-class FloodPublisher:
-    """The attacker: a fast QoS 1 publisher (paho in its own network thread)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.acked = 0
-        self._lock = threading.Lock()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"flood-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
-        )
-        self.client.max_inflight_messages_set(1000)
-        self.client.max_queued_messages_set(0)
-        self.client.on_publish = self._on_publish
-        self.client.connect(host, port)
-        self.client.loop_start()
-
-    def _on_publish(self, *_args: object) -> None:
-        with self._lock:
-            self.acked += 1
-
-    def publish(self, messages: list[tuple[str, bytes]]) -> None:
-        for topic, payload in messages:
-            self.client.publish(topic, payload, qos=1)
-
-    def wait_acked(self, count: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while self.acked < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"broker acknowledged {self.acked} of {count} flood messages")
-            time.sleep(0.005)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def flood_messages(
@@ -205,7 +166,7 @@ async def test_flood_does_not_starve_honest_meters(
     # session, made by a first start) before the daemon comes up.
     async with running_daemon(config):
         pass
-    attacker = await asyncio.to_thread(FloodPublisher, host, port)
+    attacker = await asyncio.to_thread(FastPublisher, host, port)
     attacker.publish(flood[:BACKLOG])
     await asyncio.to_thread(attacker.wait_acked, BACKLOG)
     sampler_db: Conn = await asyncpg.connect(db_url)
