@@ -98,8 +98,11 @@ async def retained_state(host: str, port: int, instance: str) -> dict[str, objec
 class FastPublisher:
     """A fast QoS 1 publisher: paho in its own network thread, up to 1000 in flight."""
 
+    MAX_OUTSTANDING = 50_000
+
     def __init__(self, host: str, port: int, client_id: str | None = None) -> None:
         self.acked = 0
+        self.published = 0
         self._lock = threading.Lock()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -118,7 +121,12 @@ class FastPublisher:
 
     def publish(self, messages: Iterable[tuple[str, bytes]]) -> None:
         for topic, payload in messages:
+            # Packet ids are 16 bits: with more than 65,535 unacknowledged, paho would reuse
+            # one still in use and lose a message. Wait for the broker to catch up first.
+            if self.published - self.acked >= self.MAX_OUTSTANDING:
+                self.wait_acked(self.published - self.MAX_OUTSTANDING // 2)
             self.client.publish(topic, payload, qos=1)
+            self.published += 1
 
     def wait_acked(self, count: int, timeout: float = 120) -> None:
         """Block until the broker acknowledged ``count`` messages (a thread's wait)."""
