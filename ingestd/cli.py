@@ -30,6 +30,7 @@ from ingestd.signature import (
     private_key_pem,
     public_key_pem,
 )
+from ingestd.simulator import add_arguments
 from ingestd.store import Store
 
 EXIT_OK = 0
@@ -131,8 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--flag", choices=("ok", "gray", "red", "never"), help="only meters with this flag")
     status.add_argument("--json", action="store_true", help="one JSON document instead of a table")
 
-    from ingestd.simulator import add_arguments  # noqa: PLC0415 - keeps `ingestd --help` fast
-
     simulate = commands.add_parser(
         "simulate", parents=[common], help="run a fleet of virtual meters (demo, tests, benchmarks)"
     )
@@ -179,7 +178,7 @@ def _cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
 
 
 def _cmd_run(config: Config, _args: argparse.Namespace) -> int:
-    from ingestd.daemon import Daemon, install_signal_handlers  # noqa: PLC0415
+    from ingestd.daemon import Daemon, install_signal_handlers  # noqa: PLC0415 - only `run` needs it
 
     async def go() -> int:
         daemon = Daemon(config)
@@ -327,7 +326,7 @@ def _cmd_keygen(_config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
-    from ingestd import health  # noqa: PLC0415
+    from ingestd import health  # noqa: PLC0415 - only `status` needs it
 
     async def go() -> int:
         async with Store(config.database) as store, store.connection() as conn:
@@ -354,7 +353,7 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(config: Config, args: argparse.Namespace) -> int:
-    from ingestd.simulator import run_from_args  # noqa: PLC0415
+    from ingestd.simulator import run_from_args  # noqa: PLC0415 - only `simulate` needs it
 
     return _run_async(lambda: run_from_args(config, args))
 

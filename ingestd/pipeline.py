@@ -29,7 +29,7 @@ from ingestd.gaps import record_gap_counts
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics
 from ingestd.mqtt import Delivery
-from ingestd.store import CONNECTION_ERRORS, Accept, BatchResult, Reject, Store
+from ingestd.store import CONNECTION_ERRORS, Accept, BatchResult, Reject, Store, seq_conflict
 
 log = structlog.get_logger("ingestd.pipeline")
 
@@ -188,7 +188,7 @@ class Pipeline:
         parts = await asyncio.gather(
             *(
                 loop.run_in_executor(
-                    self._executor, _check_chunk, chunk, self._keyring, self._prefix, self._skew, self._now()
+                    self._executor, _check_chunk, chunk, self._keyring, self._prefix, self._skew
                 )
                 for chunk in chunks
             )
@@ -293,10 +293,9 @@ class Pipeline:
 
 
 def _check_chunk(
-    deliveries: Sequence[Delivery], keys: KeyLookup, prefix: str, skew: timedelta, now: datetime
+    deliveries: Sequence[Delivery], keys: KeyLookup, prefix: str, skew: timedelta
 ) -> list[Accept | Reject]:
     """Runs in a worker thread: ``cryptography`` releases the GIL while verifying."""
-    del now  # the clock-skew check uses each message's own arrival time
     results: list[Accept | Reject] = []
     for d in deliveries:
         try:
@@ -346,7 +345,5 @@ def _assemble(deliveries: list[Delivery], results: list[Accept | Reject]) -> Bat
         elif first == m.digest:
             repeats += 1
         else:
-            from ingestd.store import seq_conflict  # noqa: PLC0415 - keeps the hot import list short
-
             rejects.append(seq_conflict(result))
     return Batch(deliveries, accepts, rejects, repeats)
