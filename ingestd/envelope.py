@@ -191,53 +191,83 @@ def check_message(
 ) -> Message:
     """Every check of wire protocol v1 but the duplicate check (which needs the database).
 
-    Raises Rejected with the first reason that applies.
+    Raises Rejected with the first reason that applies. The pipeline runs the same three
+    steps apart: ``prepare`` and ``accept_signed`` on the event loop, ``signature_ok`` (the
+    costly one, in C without the GIL) in threads.
     """
+    signed = prepare(payload, received_at, keys)
+    if not signature_ok(signed):
+        raise bad_signature(signed)
+    return accept_signed(signed, topic, received_at, topic_prefix=topic_prefix, max_clock_skew=max_clock_skew)
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """An envelope that parsed, with the registered key it names; not yet verified."""
+
+    header: Header
+    key: MeterKey
+
+
+def prepare(payload: bytes, received_at: datetime, keys: KeyLookup) -> Signed:
+    """Parse the envelope and find a usable key of the header's algorithm."""
     header = parse_envelope(payload)
-    try:
-        return _check_signed(header, topic, received_at, keys, topic_prefix, max_clock_skew)
-    except Rejected as exc:
-        exc.kid = header.kid
-        raise
-
-
-def _check_signed(
-    header: Header,
-    topic: str,
-    received_at: datetime,
-    keys: KeyLookup,
-    topic_prefix: str,
-    max_clock_skew: timedelta,
-) -> Message:
     key = keys.get(header.kid)
     if key is None:
-        raise Rejected("unknown_key", f"no key {header.kid!r}")
+        raise Rejected("unknown_key", f"no key {header.kid!r}", kid=header.kid)
     unusable = key.usable_at(received_at)
     if unusable is not None:
-        raise Rejected("revoked_key", f"{unusable}: {header.kid!r}")
+        raise Rejected("revoked_key", f"{unusable}: {header.kid!r}", kid=header.kid)
     if header.alg != key.alg:
-        raise Rejected("alg_mismatch", f"header alg {header.alg}, key registered for {key.alg}")
-    if not verify(key.alg, key.key, header.signature, header.signing_input):
-        raise Rejected("bad_signature", f"signature does not verify with key {header.kid!r}")
-    body = parse_body(header.body)
-    if body.meter_id != key.meter_id:
-        raise Rejected("topic_mismatch", f"body names {body.meter_id}, key belongs to {key.meter_id}")
-    meter = topic_meter(topic, topic_prefix)
-    if meter != body.meter_id:
-        raise Rejected("topic_mismatch", f"body names {body.meter_id}, topic is {_short(topic)}")
-    if body.sent - received_at > max_clock_skew:
-        raise Rejected("clock_skew", f"sent {body.sent.isoformat()} is in the future")
+        raise Rejected(
+            "alg_mismatch", f"header alg {header.alg}, key registered for {key.alg}", kid=header.kid
+        )
+    return Signed(header, key)
+
+
+def signature_ok(signed: Signed) -> bool:
+    return verify(signed.key.alg, signed.key.key, signed.header.signature, signed.header.signing_input)
+
+
+def bad_signature(signed: Signed) -> Rejected:
+    kid = signed.header.kid
+    return Rejected("bad_signature", f"signature does not verify with key {kid!r}", kid=kid)
+
+
+def accept_signed(
+    signed: Signed, topic: str, received_at: datetime, *, topic_prefix: str, max_clock_skew: timedelta
+) -> Message:
+    """The checks that read the body: only ever called once its signature verified."""
+    try:
+        body = _signed_body(signed, topic, received_at, topic_prefix, max_clock_skew)
+    except Rejected as exc:
+        exc.kid = signed.header.kid
+        raise
     return Message(
         meter_id=body.meter_id,
         epoch=body.epoch,
         seq=body.seq,
         sent=body.sent,
         replay=body.replay,
-        kid=header.kid,
+        kid=signed.header.kid,
         readings=body.readings,
         events=body.events,
         digest=body.digest,
     )
+
+
+def _signed_body(
+    signed: Signed, topic: str, received_at: datetime, topic_prefix: str, max_clock_skew: timedelta
+) -> Body:
+    body = parse_body(signed.header.body)
+    owner = signed.key.meter_id
+    if body.meter_id != owner:
+        raise Rejected("topic_mismatch", f"body names {body.meter_id}, key belongs to {owner}")
+    if topic_meter(topic, topic_prefix) != body.meter_id:
+        raise Rejected("topic_mismatch", f"body names {body.meter_id}, topic is {_short(topic)}")
+    if body.sent - received_at > max_clock_skew:
+        raise Rejected("clock_skew", f"sent {body.sent.isoformat()} is in the future")
+    return body
 
 
 def parse_body(raw: bytes) -> Body:

@@ -23,7 +23,7 @@ import asyncpg
 import structlog
 
 from ingestd.config import IngestConfig
-from ingestd.envelope import KeyLookup, check_message, topic_meter
+from ingestd.envelope import Signed, accept_signed, bad_signature, prepare, signature_ok, topic_meter
 from ingestd.errors import Rejected
 from ingestd.gaps import record_gap_counts
 from ingestd.keyring import Keyring
@@ -181,19 +181,63 @@ class Pipeline:
         return _assemble(deliveries, results)
 
     async def _check_all(self, deliveries: Sequence[Delivery]) -> list[Accept | Reject]:
-        loop = asyncio.get_running_loop()
+        """Parse on the event loop, verify signatures in threads, then read the bodies.
+
+        Only the signature check runs in the threads: it is C that releases the GIL, and a
+        thread that also parsed would fight the event loop for the GIL on every message.
+        """
+        prepared = [self._prepare(d) for d in deliveries]
+        signed = [p for p in prepared if isinstance(p, Signed)]
         threads = self._config.verify_threads
-        size = max(1, -(-len(deliveries) // threads))
-        chunks = [deliveries[i : i + size] for i in range(0, len(deliveries), size)]
+        size = max(1, -(-len(signed) // threads))
+        loop = asyncio.get_running_loop()
         parts = await asyncio.gather(
             *(
-                loop.run_in_executor(
-                    self._executor, _check_chunk, chunk, self._keyring, self._prefix, self._skew
-                )
-                for chunk in chunks
+                loop.run_in_executor(self._executor, _verify_chunk, signed[i : i + size])
+                for i in range(0, len(signed), size)
             )
         )
-        return [result for part in parts for result in part]
+        verdicts = iter([ok for part in parts for ok in part])
+        results: list[Accept | Reject] = []
+        for d, p in zip(deliveries, prepared, strict=True):
+            if isinstance(p, Reject):
+                results.append(p)
+            elif not next(verdicts):
+                results.append(self._reject(d, bad_signature(p)))
+            else:
+                results.append(self._accept(d, p))
+        return results
+
+    def _prepare(self, d: Delivery) -> Signed | Reject:
+        try:
+            return prepare(d.payload, d.received_at, self._keyring)
+        except Rejected as exc:
+            return self._reject(d, exc)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the others
+            return self._internal_error(d, exc)
+
+    def _accept(self, d: Delivery, signed: Signed) -> Accept | Reject:
+        try:
+            message = accept_signed(
+                signed, d.topic, d.received_at, topic_prefix=self._prefix, max_clock_skew=self._skew
+            )
+        except Rejected as exc:
+            return self._reject(d, exc)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the others
+            return self._internal_error(d, exc)
+        return Accept(message, d.topic, d.payload, d.received_at)
+
+    def _reject(self, d: Delivery, exc: Rejected) -> Reject:
+        meter = topic_meter(d.topic, self._prefix)
+        return Reject(exc.reason, exc.detail, d.topic, d.payload, d.received_at, meter, exc.kid)
+
+    def _internal_error(self, d: Delivery, exc: Exception) -> Reject:
+        # A check that fails in a way we did not foresee is our bug, not the meter's:
+        # log it loudly and quarantine the message for a human to look at.
+        log.error("check_failed", topic=d.topic, exc_info=exc)
+        return Reject(
+            "bad_body", "internal error while checking", d.topic, d.payload, d.received_at, None, None
+        )
 
     # -- stage 2: write, then acknowledge --------------------------------------------
 
@@ -292,37 +336,9 @@ class Pipeline:
         m.pending.set(self._in_hand)
 
 
-def _check_chunk(
-    deliveries: Sequence[Delivery], keys: KeyLookup, prefix: str, skew: timedelta
-) -> list[Accept | Reject]:
+def _verify_chunk(signed: Sequence[Signed]) -> list[bool]:
     """Runs in a worker thread: ``cryptography`` releases the GIL while verifying."""
-    results: list[Accept | Reject] = []
-    for d in deliveries:
-        try:
-            message = check_message(
-                d.topic, d.payload, d.received_at, keys, topic_prefix=prefix, max_clock_skew=skew
-            )
-        except Rejected as exc:
-            results.append(
-                Reject(
-                    exc.reason,
-                    exc.detail,
-                    d.topic,
-                    d.payload,
-                    d.received_at,
-                    topic_meter(d.topic, prefix),
-                    exc.kid,
-                )
-            )
-        except Exception as exc:
-            # A check that fails in a way we did not foresee is our bug, not the meter's:
-            # log it loudly and quarantine the message for a human to look at.
-            log.exception("check_failed", topic=d.topic)
-            detail = f"internal error while checking: {type(exc).__name__}"
-            results.append(Reject("bad_body", detail, d.topic, d.payload, d.received_at, None, None))
-        else:
-            results.append(Accept(message, d.topic, d.payload, d.received_at))
-    return results
+    return [signature_ok(s) for s in signed]
 
 
 def _assemble(deliveries: list[Delivery], results: list[Accept | Reject]) -> Batch:
