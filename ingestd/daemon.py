@@ -14,20 +14,18 @@ import os
 import signal
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
 
-from ingestd.config import Config, HeadendConfig
-from ingestd.errors import ConfigError, KeyFileError, UsageError
-from ingestd.gaps import GapRequester
+from ingestd.config import Config
+from ingestd.errors import UsageError
+from ingestd.gaps import GapRequester, headend_signer
 from ingestd.health import HealthMonitor
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
 from ingestd.pipeline import Pipeline
-from ingestd.signature import Signer, alg_for_key, load_private_key
 from ingestd.store import Store
 from ingestd.systemd import Notifier
 
@@ -165,21 +163,6 @@ async def _first(*waits: Coroutine[Any, Any, Any]) -> int:
         for task in tasks:
             task.cancel()
     return next(i for i, task in enumerate(tasks) if task in done)
-
-
-def headend_signer(config: HeadendConfig) -> Signer | None:
-    """The head-end's signer for replay requests, or None when no key is configured."""
-    if not config.key_file:
-        return None
-    try:
-        pem = Path(config.key_file).read_bytes()
-    except OSError as exc:
-        raise ConfigError("headend.key_file", f"cannot read {config.key_file}: {exc.strerror}") from None
-    try:
-        key = load_private_key(pem)
-    except KeyFileError as exc:
-        raise ConfigError("headend.key_file", str(exc)) from None
-    return Signer(alg_for_key(key), config.kid, key)
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

@@ -15,25 +15,26 @@ import random
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import structlog
 
 from ingestd.envelope import format_time
-from ingestd.signature import Signer
+from ingestd.errors import ConfigError, KeyFileError
+from ingestd.signature import Signer, alg_for_key, load_private_key
 
 if TYPE_CHECKING:
-    from ingestd.config import GapsConfig
+    from ingestd.config import GapsConfig, HeadendConfig
     from ingestd.metrics import Metrics
     from ingestd.store import PoolConnection, Store
 
 log = structlog.get_logger("ingestd.gaps")
 
 REPLAY_UNAVAILABLE: Final = "010"
-ACTIVE: Final = ("open", "requested")
 # A skip of more than this many replay requests' worth of seqs (max_range each) is chased
 # only for its newest part; the older part is recorded as lost at once (100,000 seqs by
 # default: over two years of 15-minute messages), so that a seq jump to 2^63-1 (a broken
@@ -105,12 +106,10 @@ class GapCounts:
     filled: int = 0
     lost: int = 0
     requests: int = 0
-    fill_seconds: list[float] | None = None
+    fill_seconds: list[float] = field(default_factory=list)
 
     def add_fill(self, seconds: float) -> None:
         self.filled += 1
-        if self.fill_seconds is None:
-            self.fill_seconds = []
         self.fill_seconds.append(seconds)
 
     def plus(self, other: GapCounts) -> GapCounts:
@@ -119,7 +118,7 @@ class GapCounts:
             self.filled + other.filled,
             self.lost + other.lost,
             self.requests + other.requests,
-            [*(self.fill_seconds or ()), *(other.fill_seconds or ())] or None,
+            [*self.fill_seconds, *other.fill_seconds],
         )
 
 
@@ -337,6 +336,21 @@ def unavailable_ranges(events: Iterable[Any], epoch_of_message: int) -> list[tup
     return found
 
 
+def headend_signer(config: HeadendConfig) -> Signer | None:
+    """The head-end's signer for replay requests, or None when no key is configured."""
+    if not config.key_file:
+        return None
+    try:
+        pem = Path(config.key_file).read_bytes()
+    except OSError as exc:
+        raise ConfigError("headend.key_file", f"cannot read {config.key_file}: {exc.strerror}") from None
+    try:
+        key = load_private_key(pem)
+    except KeyFileError as exc:
+        raise ConfigError("headend.key_file", str(exc)) from None
+    return Signer(alg_for_key(key), config.kid, key)
+
+
 def replay_topic(prefix: str, meter_id: str) -> str:
     return f"{prefix}/{meter_id}/down/replay"
 
@@ -448,7 +462,7 @@ class GapRequester:
                 if self._signer is None:
                     continue
                 counts.requests += await self._request(conn, gap, (low, high), now)
-        self._count(counts)
+        record_gap_counts(self._metrics, counts)
         return counts
 
     async def _request(self, conn: PoolConnection, gap: Any, rng: Range, now: datetime) -> int:  # noqa: ANN401
@@ -492,22 +506,17 @@ class GapRequester:
         )
         return 1
 
-    def _count(self, counts: GapCounts) -> None:
-        record_gap_counts(self._metrics, counts)
-
 
 def record_gap_counts(metrics: Metrics, counts: GapCounts) -> None:
     metrics.gaps_detected.inc(counts.detected)
     metrics.gaps_filled.inc(counts.filled)
     metrics.gaps_lost.inc(counts.lost)
     metrics.replay_requests.inc(counts.requests)
-    for seconds in counts.fill_seconds or ():
+    for seconds in counts.fill_seconds:
         metrics.gap_fill_seconds.observe(seconds)
 
 
-def seen_from(
-    accepted: Iterable[Any], duplicates: Iterable[Any], received_at: Callable[[Any], datetime]
-) -> dict[tuple[str, int], Seen]:
+def seen_from(accepted: Iterable[Any], duplicates: Iterable[Any]) -> dict[tuple[str, int], Seen]:
     """Group a batch's valid messages by (meter, epoch) for ``track_seqs``."""
     new: dict[tuple[str, int], list[int]] = defaultdict(list)
     last: dict[tuple[str, int], datetime] = {}
@@ -519,7 +528,7 @@ def seen_from(
             new[key].append(m.seq)
             for epoch, rng in unavailable_ranges(m.events, m.epoch):
                 unavailable[(m.meter_id, epoch)].append(rng)
-        when = received_at(accept)
+        when = accept.received_at
         last[key] = max(last.get(key, when), when)
     keys = set(last) | set(unavailable)
     return {

@@ -28,13 +28,13 @@ from cryptography.hazmat.primitives.asymmetric import dsa
 from ingestd.config import Config
 from ingestd.envelope import format_time, parse_envelope
 from ingestd.errors import Rejected, UsageError
+from ingestd.gaps import headend_signer
 from ingestd.signature import (
     ALGS,
     Alg,
     PrivateKey,
     PublicKey,
     Signer,
-    alg_for_key,
     generate_private_key,
     load_private_key,
     private_key_pem,
@@ -458,10 +458,10 @@ class Fleet:
 
 def headend_key_from_config(config: Config) -> HeadendKey | None:
     """What meters are provisioned with: the public half of the configured head-end key."""
-    if not config.headend.key_file:
+    signer = headend_signer(config.headend)
+    if signer is None:
         return None
-    key = load_private_key(Path(config.headend.key_file).read_bytes())
-    return HeadendKey(config.headend.kid, alg_for_key(key), key.public_key())
+    return HeadendKey(signer.kid, signer.alg, signer.key.public_key())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

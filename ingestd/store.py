@@ -413,9 +413,7 @@ class Store:
             new, duplicates, conflicts = await self._claim_seqs(conn, accepts)
             readings, events = await self._insert_data(conn, new)
             await self._insert_quarantine(conn, [*rejects, *conflicts])
-            gap_counts = await track_seqs(
-                conn, seen_from(new, duplicates, lambda a: a.received_at), now=now, config=self._gaps
-            )
+            gap_counts = await track_seqs(conn, seen_from(new, duplicates), now=now, config=self._gaps)
         return BatchResult(new, len(duplicates), conflicts, readings, events, gap_counts)
 
     async def _claim_seqs(
