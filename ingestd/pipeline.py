@@ -248,15 +248,19 @@ class Pipeline:
 
     async def _store_with_retry(self, batch: Batch) -> BatchResult:
         delay = self._config.db_retry_initial_s
+        # After a lost connection the commit may have gone through; the store then finds
+        # this batch's own rows and counts them as accepted, not as duplicates.
+        retry = False
         while True:
             try:
                 with self._metrics.db_write_seconds.time():
-                    result = await self._write(batch)
+                    result = await self._write(batch, retry=retry)
             except asyncpg.TransactionRollbackError as exc:
                 # A deadlock or serialisation failure with another instance: try again now.
                 self._metrics.db_write_errors.inc()
                 log.info("db_write_retry", error=str(exc))
             except CONNECTION_ERRORS as exc:
+                retry = True
                 self._metrics.db_write_errors.inc()
                 self._metrics.db_up.set(0)
                 log.warning("db_write_failed", error=str(exc) or type(exc).__name__, retry_in_s=delay)
@@ -266,9 +270,9 @@ class Pipeline:
                 self._metrics.db_up.set(1)
                 return result
 
-    async def _write(self, batch: Batch) -> BatchResult:
+    async def _write(self, batch: Batch, *, retry: bool) -> BatchResult:
         try:
-            return await self._store.write_batch(batch.accepts, batch.rejects)
+            return await self._store.write_batch(batch.accepts, batch.rejects, retry=retry)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, (*CONNECTION_ERRORS, asyncpg.TransactionRollbackError)):
                 raise

@@ -400,7 +400,12 @@ class Store:
     # -- the batch write --------------------------------------------------------------
 
     async def write_batch(
-        self, accepts: Sequence[Accept], rejects: Sequence[Reject], *, now: datetime | None = None
+        self,
+        accepts: Sequence[Accept],
+        rejects: Sequence[Reject],
+        *,
+        now: datetime | None = None,
+        retry: bool = False,
     ) -> BatchResult:
         """Store a batch in one transaction; duplicates are recognised, not stored again.
         The same transaction advances sequence tracking: gaps open, fill and are lost.
@@ -410,17 +415,25 @@ class Store:
         """
         now = now or utcnow()
         async with self.connection() as conn, conn.transaction():
-            new, duplicates, conflicts = await self._claim_seqs(conn, accepts)
+            new, ours, duplicates, conflicts = await self._claim_seqs(conn, accepts, retry=retry)
             readings, events = await self._insert_data(conn, new)
             await self._insert_quarantine(conn, [*rejects, *conflicts])
-            gap_counts = await track_seqs(conn, seen_from(new, duplicates), now=now, config=self._gaps)
-        return BatchResult(new, len(duplicates), conflicts, readings, events, gap_counts)
+            gap_counts = await track_seqs(
+                conn, seen_from(new, [*ours, *duplicates]), now=now, config=self._gaps
+            )
+        return BatchResult([*new, *ours], len(duplicates), conflicts, readings, events, gap_counts)
 
     async def _claim_seqs(
-        self, conn: PoolConnection, accepts: Sequence[Accept]
-    ) -> tuple[list[Accept], list[Accept], list[Reject]]:
+        self, conn: PoolConnection, accepts: Sequence[Accept], *, retry: bool
+    ) -> tuple[list[Accept], list[Accept], list[Accept], list[Reject]]:
+        """(new, stored by an earlier attempt of this very batch, duplicates, conflicts).
+
+        A batch retried (``retry``) after a lost connection may find its own rows: the
+        commit went through and only its answer was lost. The same delivery (same arrival
+        time, same content) found stored is that, not a duplicate, and counts as accepted.
+        """
         if not accepts:
-            return [], [], []
+            return [], [], [], []
         rows = await conn.fetch(
             """WITH input AS (
                    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[],
@@ -429,7 +442,8 @@ class Store:
                claimed AS (
                    INSERT INTO message_seqs SELECT * FROM input
                    ON CONFLICT DO NOTHING RETURNING meter_id, epoch, seq)
-               SELECT i.meter_id, i.epoch, i.seq, c.seq IS NOT NULL AS new, m.digest AS stored
+               SELECT i.meter_id, i.epoch, i.seq, c.seq IS NOT NULL AS new, m.digest AS stored,
+                      m.received_at AS stored_at
                FROM input i
                LEFT JOIN claimed c USING (meter_id, epoch, seq)
                LEFT JOIN message_seqs m USING (meter_id, epoch, seq)""",
@@ -444,6 +458,7 @@ class Store:
         stored: dict[tuple[str, int, int], bytes] = {
             k: r["stored"] for k, r in verdicts.items() if r["stored"] is not None
         }
+        stored_at = {k: r["stored_at"] for k, r in verdicts.items() if r["stored"] is not None}
         if unresolved:
             # Claimed by a concurrent transaction that committed after our statement's
             # snapshot was taken (another instance on a shared subscription): look again.
@@ -457,6 +472,7 @@ class Store:
             ):
                 stored[(r["meter_id"], r["epoch"], r["seq"])] = r["digest"]
         new: list[Accept] = []
+        ours: list[Accept] = []
         duplicates: list[Accept] = []
         conflicts: list[Reject] = []
         for accept in accepts:
@@ -464,11 +480,13 @@ class Store:
             key = (m.meter_id, m.epoch, m.seq)
             if verdicts[key]["new"]:
                 new.append(accept)
+            elif retry and stored.get(key) == m.digest and stored_at.get(key) == accept.received_at:
+                ours.append(accept)
             elif stored.get(key) == m.digest:
                 duplicates.append(accept)
             else:
                 conflicts.append(seq_conflict(accept))
-        return new, duplicates, conflicts
+        return new, ours, duplicates, conflicts
 
     async def _insert_data(
         self, conn: PoolConnection, accepts: Sequence[Accept]

@@ -340,3 +340,18 @@ async def test_no_head_end_key_no_requests(gstore: Store, db: Conn) -> None:
     assert counts.requests == 0
     assert outbox.sent == []
     assert await gaps(db) == [(0, 2, 4, "open")]
+
+
+async def test_a_batch_retried_after_its_commit_counts_as_accepted_once(gstore: Store, db: Conn) -> None:
+    """The commit went through but its answer was lost: the retry finds its own rows."""
+    batch = [accept("M1", 1), accept("M1", 2)]
+    first = await write(gstore, *batch)
+    retry = await gstore.write_batch(batch, [], now=T0, retry=True)
+    assert (len(first.accepted), first.duplicates) == (2, 0)
+    assert (len(retry.accepted), retry.duplicates) == (2, 0)
+    assert retry.readings_stored == 0
+    assert await db.fetchval("SELECT count(*) FROM raw_messages") == 2
+    # The same message delivered again (another arrival) is a duplicate.
+    again = await gstore.write_batch([accept("M1", 1, at=T0 + timedelta(seconds=5))], [], retry=True)
+    assert (len(again.accepted), again.duplicates) == (0, 1)
+    assert await db.fetchval("SELECT count(*) FROM raw_messages") == 2
