@@ -46,6 +46,8 @@ _HEADER_KEYS: Final = frozenset({"alg", "kid"})
 _ENVELOPE_KEYS: Final = frozenset({"protected", "payload", "signature"})
 _ENVELOPE_NAMES: Final = (b'"protected"', b'"payload"', b'"signature"')
 _READING_KEYS: Final = frozenset({"t", "import_wh", "export_wh"})
+# One JSON string, and the colon after it when there is one (when the string names a member).
+_STRING_THEN_COLON: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(?:[ \t\n\r]*(:))?')
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +287,10 @@ def parse_body(raw: bytes) -> Body:
         raise Rejected("bad_body", f"body is not JSON: {_json_error(exc)}") from None
     if not isinstance(body, dict):
         raise Rejected("bad_body", "body is not a JSON object")
+    # The parser keeps the last of repeated names; another parser (an auditor's) may keep
+    # the first, and then one signed body reads two ways.
+    if _repeats_a_name(raw, body):
+        raise Rejected("bad_body", "a member name is repeated within one object")
     if body.get("v") != PROTOCOL_VERSION or type(body.get("v")) is not int:
         raise Rejected("bad_body", f"v must be {PROTOCOL_VERSION}")
     meter = body.get("meter")
@@ -391,6 +397,46 @@ def _event(index: int, raw: object) -> Event:
     if _too_deep(detail, MAX_DEPTH):
         raise Rejected("bad_body", f"events[{index}].detail nests deeper than {MAX_DEPTH} levels")
     return Event(time, code, detail)
+
+
+def _repeats_a_name(raw: bytes, body: dict[str, Any]) -> bool:
+    """True when an object anywhere in ``raw`` (valid JSON, parsed as ``body``) repeats a
+    member name.
+
+    The parsed tree holds one member per distinct name, so a repeat leaves more members in
+    the text than in the tree. Counts, not names, are compared: a name spelled two ways
+    (``"t"`` and ``"\\u0074"``) is caught too.
+    """
+    # Most bodies have no escape at all, and one byte is found faster than five.
+    if b"\\" not in raw or (b"u003a" not in raw and b"u003A" not in raw):
+        # Nearly always, and in C. Only the escape \u003a spells a colon otherwise, so here
+        # the text has one colon per member plus those of its strings, as they read.
+        # orjson writes the tree with the same strings for every member it kept, and never
+        # escapes a colon: each member dropped leaves the text at least a colon ahead.
+        try:
+            canonical = orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            pass  # nested deeper than orjson writes (254 levels): count exactly below
+        else:
+            return raw.count(b":") > canonical.count(b":")
+    # In valid JSON every quote outside a string opens one, so a scan from the left, string
+    # after string, sees exactly the strings; those a colon follows name members.
+    named = _STRING_THEN_COLON.findall(raw).count(b":")
+    return named > _member_count(body)
+
+
+def _member_count(value: object) -> int:
+    """The members of every object in a parsed JSON value (iterative: no recursion)."""
+    count = 0
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 def _too_deep(value: object, limit: int) -> bool:

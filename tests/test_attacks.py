@@ -416,9 +416,6 @@ CASES: dict[str, Case] = {
     "repeated-envelope-member": Case("bad_envelope", _repeated_envelope_member, "repeat"),
     "repeated-body-member": Case("bad_body", _repeated_body_member, "repeat"),
 }
-# docs/protocol.md says member names MUST NOT repeat; in the (signed) body the parser
-# (orjson) still keeps the last of repeated names. The envelope refuses them.
-KNOWN_GAPS = {"repeated-body-member"}
 
 
 async def _quarantine(db: Conn) -> list[asyncpg.Record]:
@@ -443,17 +440,7 @@ async def _honest_message_is_stored(
     assert stored == 1
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name, marks=pytest.mark.xfail(strict=True, reason="repeated JSON members are not refused")
-        )
-        if name in KNOWN_GAPS
-        else name
-        for name in CASES
-    ],
-)
+@pytest.mark.parametrize("name", list(CASES))
 async def test_attack_is_rejected_counted_quarantined_and_harmless(
     name: str, scene: Scene, config: Config, db: Conn
 ) -> None:

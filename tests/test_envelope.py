@@ -8,6 +8,8 @@ matters for security (nothing in the body is believed before the signature verif
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -685,6 +687,175 @@ def test_parse_body_directly() -> None:
         parse_body(orjson.dumps(make_body(seq=0)))
     assert info.value.reason == "bad_body"
     assert "seq" in info.value.detail
+
+
+# --- repeated member names (bad_body) -------------------------------------------------
+
+REPEAT = "a member name is repeated within one object"
+T = '"t":"2026-11-24T00:15:00Z"'
+DEEP = 300  # deeper than orjson writes (254), so that the exact count runs
+
+
+def spliced(body: dict[str, Any], **texts: str) -> bytes:
+    """The body's JSON with each string "@name@" replaced by the JSON text ``texts[name]``
+    (text orjson cannot write: repeated names, escapes of our choosing)."""
+    return re.sub(rb'"@(\w+)@"', lambda m: texts[m[1].decode()].encode(), orjson.dumps(body))
+
+
+def in_reading(members: str) -> bytes:
+    """A body whose one reading is the object ``{members}``."""
+    return spliced(make_body(readings=["@r@"]), r="{" + members + "}")
+
+
+def in_detail(members: str) -> bytes:
+    """A body whose one event's detail is the object ``{members}``."""
+    return spliced(make_body(events=[event(detail="@d@")]), d="{" + members + "}")
+
+
+REPEATED = [
+    pytest.param(orjson.dumps(make_body()).replace(b'"seq":', b'"seq":1041,"seq":', 1), id="top-level"),
+    pytest.param(
+        orjson.dumps(make_body()).replace(b'"replay":false', b'"replay":false,"replay":false'),
+        id="top-level-same-value",
+    ),
+    pytest.param(in_reading(f'{T},"import_wh":5,"import_wh":7'), id="reading-register"),
+    pytest.param(in_reading(f'"t":"2026-11-24T00:00:00Z",{T},"import_wh":5'), id="reading-time"),
+    pytest.param(in_reading(f'{T},"import_wh":5,"note":"a","note":"b"'), id="reading-extra"),
+    pytest.param(in_reading(f'{T},"import_wh":5,"x":{{"y":{{"z":1,"z":1}}}}'), id="nested-in-extra"),
+    pytest.param(in_detail('"k":1,"k":2'), id="event-detail"),
+    pytest.param(in_detail('"phases":[{"l":1},{"v":230,"v":231}]'), id="in-a-list-in-detail"),
+    pytest.param(spliced(make_body(events=[event(code="@c@")]), c='"001","code":"002"'), id="event-code"),
+    pytest.param(spliced(make_body(fw="@fw@"), fw='{"build":{"id":1,"id":2}}'), id="unknown-member"),
+    pytest.param(spliced(make_body(fw="@fw@"), fw='[[{}],[{"a":[],"a":[]}]]'), id="in-lists"),
+    pytest.param(in_reading(f'{T},"import_wh":5,"\\u0074":"2026-11-24T00:00:00Z"'), id="escape-u0074"),
+    pytest.param(in_detail('"\\u006b":1,"\\u006B":2'), id="escape-both-spellings"),
+    pytest.param(in_detail('"caf\u00e9":1,"caf\\u00e9":2'), id="escape-non-ascii"),
+    pytest.param(in_detail('"a/b":1,"a\\/b":2'), id="escape-solidus"),
+    pytest.param(in_detail('"\\"":1,"\\u0022":2'), id="escape-quote"),
+    # \u003a is the one escape that writes a colon: then colons cannot simply be counted.
+    pytest.param(in_detail('"a:b":1,"a\\u003ab":2'), id="escape-colon"),
+    pytest.param(in_detail('"p":"C:\\\\","\\u003a":1,":":2'), id="escape-colon-after-backslash"),
+    pytest.param(in_detail('"k" : 1 ,\n\t"k"\r\n:\n2'), id="whitespace"),
+    pytest.param(
+        spliced(make_body(fw="@fw@"), fw="[" * DEEP + '{"a":1,"a":1}' + "]" * DEEP),
+        id="deeper-than-orjson-writes",
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", REPEATED)
+def test_repeated_member_name_is_bad_body(raw: bytes) -> None:
+    with pytest.raises(Rejected) as info:
+        parse_body(raw)
+    assert info.value.reason == "bad_body"
+    assert info.value.detail == REPEAT
+
+
+def test_repeated_member_name_in_a_signed_message(fleet: Fleet) -> None:
+    payload = jws(fleet.signers["es-1"], in_reading(f'{T},"import_wh":5,"import_wh":7'))
+    exc = rejected(payload, fleet.lookup())
+    assert (exc.reason, exc.detail, exc.kid) == ("bad_body", REPEAT, "es-1")
+
+
+NOT_REPEATED = [
+    pytest.param(
+        orjson.dumps(make_body(readings=[reading(), reading(t="2026-11-24T00:30:00Z")])), id="two-readings"
+    ),
+    pytest.param(in_detail('"t":{"t":{"t":[{"t":1},{"t":2}]}}'), id="same-name-nested"),
+    pytest.param(
+        in_reading(f'{T},"import_wh":5,"note":"x\\":y","n2":"\\":\\"","n3":":"'), id="colons-in-values"
+    ),
+    pytest.param(in_detail('"a\\":b":1,"a":2,"\\":":3,":":4'), id="colons-in-names"),
+    # A scan that skipped a string not followed by a colon would then start one at its
+    # closing quote, and find '","' followed by a colon here.
+    pytest.param(in_detail('"a":["x",":"]'), id="string-after-string"),
+    pytest.param(in_detail('"a":["x",":"],"\\u003a":1'), id="string-after-string-escape-colon"),
+    pytest.param(in_detail('"q":"say \\"hi\\"","q2":"\\\\","q3":"\\\\\\"","\\\\":1'), id="escaped-quotes"),
+    pytest.param(in_detail('"p":"C:\\\\","\\u003a":1,"::":2,"a\\u003Ab":3'), id="escaped-colons"),
+    pytest.param(in_detail('"caf\u00e9":1,"cafe\\u0301":2'), id="composed-and-decomposed"),
+    pytest.param(json.dumps(make_body(), indent=2).encode(), id="indented"),
+    pytest.param(in_detail('"k" : 1 ,\n\t"l"\r\n:\n2'), id="whitespace"),
+    pytest.param(spliced(make_body(fw="@fw@"), fw="[" * DEEP + '{"a":1,"b":1}' + "]" * DEEP), id="deep"),
+]
+
+
+@pytest.mark.parametrize("raw", NOT_REPEATED)
+def test_no_repeated_member_name(raw: bytes) -> None:
+    parse_body(raw)
+
+
+# Names from a few characters, so that they often repeat, each character spelled at random,
+# as itself or escaped. ":" is among them: the check counts colons.
+NAME_CHARS = 'ab:"\\/ \u00e9\u2028'
+WHITESPACE = st.sampled_from(["", " ", "\n", "\t ", "\r\n"])
+
+
+@st.composite
+def json_names(draw: st.DrawFn) -> str:
+    spelled = []
+    for char in draw(st.text(alphabet=NAME_CHARS, max_size=3)):
+        plain = {'"': ['\\"'], "\\": ["\\\\"], "/": ["/", "\\/"]}.get(char, [char])
+        spelled.append(draw(st.sampled_from([*plain, f"\\u{ord(char):04x}", f"\\u{ord(char):04X}"])))
+    return '"' + "".join(spelled) + '"'
+
+
+@st.composite
+def json_objects(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
+    """An object as JSON text, its names possibly repeated (no dict can hold that)."""
+    members = draw(st.lists(st.tuples(json_names(), WHITESPACE, WHITESPACE, values), max_size=4))
+    return "{" + ",".join(f"{name}{before}:{after}{value}" for name, before, after, value in members) + "}"
+
+
+JSON_TEXTS = st.recursive(
+    (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=8)
+    ).map(lambda value: json.dumps(value, ensure_ascii=False))
+    | json_names(),
+    lambda children: (
+        st.lists(children, max_size=3).map(lambda items: "[" + ",".join(items) + "]") | json_objects(children)
+    ),
+    max_leaves=16,
+)
+
+
+def has_repeat(raw: bytes) -> bool:
+    """The reference: the standard library's parser, shown every member of every object."""
+    repeats = False
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal repeats
+        names = [name for name, _ in members]
+        repeats = repeats or len(set(names)) < len(names)
+        return dict(members)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return repeats
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    members=st.lists(st.tuples(json_names(), JSON_TEXTS), max_size=2),
+    extra=json_objects(JSON_TEXTS),
+    detail=json_objects(JSON_TEXTS),
+)
+def test_property_repeats_agree_with_a_reference_parser(
+    members: list[tuple[str, str]], extra: str, detail: str
+) -> None:
+    # Random unknown members at the top, a random extra field and a random event detail;
+    # the rest of the body is valid, so a repeat is the one reason it may be rejected.
+    body = make_body(readings=["@r@"], events=[event(detail="@d@")])
+    raw = spliced(body, r=f'{{{T},"import_wh":5,"x":{extra}}}', d=detail)
+    raw = raw[:-1] + "".join(f",{name}:{value}" for name, value in members).encode() + b"}"
+    if has_repeat(raw):
+        with pytest.raises(Rejected) as info:
+            parse_body(raw)
+        assert (info.value.reason, info.value.detail) == ("bad_body", REPEAT)
+    else:
+        parse_body(raw)
 
 
 # --- clock_skew -----------------------------------------------------------------------
