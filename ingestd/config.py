@@ -23,6 +23,8 @@ ENV_PREFIX = "INGESTD_"
 CONFIG_ENV = "INGESTD_CONFIG"
 _TOPIC_PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Settings renamed since a release: an old file gets told the new name, not just "unknown".
+_RENAMED: typing.Final = {"ingest.verify_threads": "ingest.verify_workers"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +106,8 @@ class IngestConfig:
     # Unacknowledged messages held in memory; past this, we stop reading the broker socket
     # and the broker keeps the rest (it never loses a QoS 1 message it has not delivered).
     max_pending: int = 20000
-    verify_threads: int = 2
+    # Processes that verify signatures beside the event loop (about one per core).
+    verify_workers: int = 2
     max_clock_skew_s: int = 300
     quarantine_payload_max: int = 4096
     # Keys are cached; unknown kids are looked up at once, the whole set every refresh.
@@ -118,7 +121,7 @@ class IngestConfig:
         _require_range("ingest.batch_max", self.batch_max, 1, 10000)
         _require_range("ingest.batch_wait_ms", self.batch_wait_ms, 1, 10000)
         _require_range("ingest.max_pending", self.max_pending, self.batch_max, 10_000_000)
-        _require_range("ingest.verify_threads", self.verify_threads, 1, 64)
+        _require_range("ingest.verify_workers", self.verify_workers, 1, 64)
         _require_range("ingest.max_clock_skew_s", self.max_clock_skew_s, 0, 86400)
         _require_range("ingest.quarantine_payload_max", self.quarantine_payload_max, 0, 65536)
         _require_range("ingest.key_refresh_s", self.key_refresh_s, 0.1, 86400)
@@ -301,6 +304,10 @@ def _env_overrides(section: str, cls: type[Any], env: typing.Mapping[str, str]) 
             continue
         key = name[len(prefix) :].lower()
         if key not in known:
+            renamed = _RENAMED.get(f"{section}.{key}")
+            if renamed is not None:
+                new = ENV_PREFIX + renamed.replace(".", "_").upper()
+                raise ConfigError(name, f"renamed: use {new}")
             raise ConfigError(name, f"unknown setting (section [{section}] has no key {key!r})")
         found[key] = value
     return found
@@ -312,7 +319,8 @@ def _build_section(section: str, cls: type[Any], from_file: dict[str, Any], from
     kwargs: dict[str, Any] = {}
     for key, value in from_file.items():
         if key not in known:
-            raise ConfigError(f"{section}.{key}", "unknown key")
+            renamed = _RENAMED.get(f"{section}.{key}")
+            raise ConfigError(f"{section}.{key}", f"renamed: use {renamed}" if renamed else "unknown key")
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], value, from_env=False)
     for key, text in from_env.items():
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], text, from_env=True)

@@ -64,6 +64,11 @@ class Metrics:
             "1 while reading from the broker is paused because too much is pending.",
             registry=r,
         )
+        self.verify_worker_restarts = Counter(
+            "ingestd_verify_worker_restarts",
+            "Signature verification worker processes that died and were replaced.",
+            registry=r,
+        )
         self.db_write_seconds = Histogram(
             "ingestd_db_write_seconds",
             "Time to write and commit one batch.",

@@ -1,6 +1,6 @@
 """From deliveries to committed rows to acknowledgements.
 
-    broker --sink()--> pending --[verify: worker threads]--> verified --[write: one txn]--> ack
+    broker --sink()--> pending --[verify: worker processes]--> verified --[write: one txn]--> ack
 
 Two stages, so that the next batch is verified while the last one is being written.
 A delivery is acknowledged only after the transaction that stored it (or its rejection)
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -23,13 +22,14 @@ import asyncpg
 import structlog
 
 from ingestd.config import IngestConfig
-from ingestd.envelope import Signed, accept_signed, bad_signature, prepare, signature_ok, topic_meter
+from ingestd.envelope import Signed, accept_signed, bad_signature, prepare, topic_meter
 from ingestd.errors import Rejected
 from ingestd.gaps import record_gap_counts
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics
 from ingestd.mqtt import Delivery
 from ingestd.store import CONNECTION_ERRORS, Accept, BatchResult, Reject, Store, seq_conflict
+from ingestd.verifier import VerifierPool
 
 log = structlog.get_logger("ingestd.pipeline")
 
@@ -52,7 +52,8 @@ class Batch:
 
 
 class Pipeline:
-    """Verifies, stores and acknowledges; an async context manager owning its threads."""
+    """Verifies, stores and acknowledges; an async context manager owning its verification
+    worker processes."""
 
     def __init__(
         self,
@@ -82,21 +83,16 @@ class Pipeline:
         self._idle.set()
         self._paused = False
         self._closed = False
-        self._executor: ThreadPoolExecutor | None = None
+        self._verifier = VerifierPool(config.verify_workers, on_restart=metrics.verify_worker_restarts.inc)
 
     async def __aenter__(self) -> Self:
-        self._executor = ThreadPoolExecutor(
-            max_workers=self._config.verify_threads, thread_name_prefix="ingestd-verify"
-        )
+        await self._verifier.__aenter__()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._executor is not None:
-            # Verification jobs are short; waiting for them keeps shutdown orderly.
-            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-            self._executor = None
+        await self._verifier.__aexit__(exc_type, exc, tb)
 
     @property
     def in_hand(self) -> int:
@@ -180,28 +176,25 @@ class Pipeline:
         return _assemble(deliveries, results)
 
     async def _check_all(self, deliveries: Sequence[Delivery]) -> list[Accept | Reject]:
-        """Parse on the event loop, verify signatures in threads, then read the bodies.
+        """Parse on the event loop, verify signatures in the worker processes, then read
+        the bodies (of the verified ones only) on the event loop.
 
-        Only the signature check runs in the threads: it is C that releases the GIL, and a
-        thread that also parsed would fight the event loop for the GIL on every message.
+        Only the signature check goes to the workers: it is most of the cost, and what
+        crosses is small; parsed bodies would cost more to send back than to parse here.
         """
         prepared = [self._prepare(d) for d in deliveries]
-        signed = [p for p in prepared if isinstance(p, Signed)]
-        threads = self._config.verify_threads
-        size = max(1, -(-len(signed) // threads))
-        loop = asyncio.get_running_loop()
-        parts = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._executor, _verify_chunk, signed[i : i + size])
-                for i in range(0, len(signed), size)
-            )
-        )
-        verdicts = iter([ok for part in parts for ok in part])
+        verdicts = iter(await self._verifier.verify([p for p in prepared if isinstance(p, Signed)]))
         results: list[Accept | Reject] = []
         for d, p in zip(deliveries, prepared, strict=True):
             if isinstance(p, Reject):
                 results.append(p)
-            elif not next(verdicts):
+                continue
+            verdict = next(verdicts)
+            if verdict is None:
+                kid = p.header.kid
+                crashed = Rejected("bad_signature", f"it crashed the verifier (key {kid!r})", kid=kid)
+                results.append(self._reject(d, crashed))
+            elif not verdict:
                 results.append(self._reject(d, bad_signature(p)))
             else:
                 results.append(self._accept(d, p))
@@ -337,11 +330,6 @@ class Pipeline:
             m.intake_paused.set(0)
             log.info("intake_resumed", pending=self._in_hand)
         m.pending.set(self._in_hand)
-
-
-def _verify_chunk(signed: Sequence[Signed]) -> list[bool]:
-    """Runs in a worker thread: ``cryptography`` releases the GIL while verifying."""
-    return [signature_ok(s) for s in signed]
 
 
 def _assemble(deliveries: list[Delivery], results: list[Accept | Reject]) -> Batch:

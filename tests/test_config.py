@@ -46,7 +46,7 @@ reconnect_max_s = 10.0
 batch_max = 200
 batch_wait_ms = 25
 max_pending = 5000
-verify_threads = 4
+verify_workers = 4
 max_clock_skew_s = 120
 key_refresh_s = 30.5
 
@@ -116,7 +116,7 @@ def test_file_values_are_used(tmp_path: Path) -> None:
         batch_max=200,
         batch_wait_ms=25,
         max_pending=5000,
-        verify_threads=4,
+        verify_workers=4,
         max_clock_skew_s=120,
         key_refresh_s=30.5,
     )
@@ -216,6 +216,13 @@ def test_unknown_key_in_the_file(tmp_path: Path) -> None:
     assert "ingest.batch_size" in str(exc)
 
 
+def test_a_renamed_key_names_its_new_name(tmp_path: Path) -> None:
+    exc = config_error(write(tmp_path, "[ingest]\nverify_threads = 2\n"))
+    assert str(exc) == "ingest.verify_threads: renamed: use ingest.verify_workers"
+    exc = config_error(env={"INGESTD_INGEST_VERIFY_THREADS": "2"})
+    assert str(exc) == "INGESTD_INGEST_VERIFY_THREADS: renamed: use INGESTD_INGEST_VERIFY_WORKERS"
+
+
 def test_unknown_key_of_another_section(tmp_path: Path) -> None:
     # A real key, in the wrong section.
     exc = config_error(write(tmp_path, "[mqtt]\nbatch_max = 10\n"))
@@ -289,7 +296,7 @@ def test_wrong_type_in_the_env(name: str, value: str, key: str) -> None:
         ("[ingest]\nbatch_max = 10001\n", "ingest.batch_max"),
         ("[ingest]\nbatch_max = -1\n", "ingest.batch_max"),
         ("[ingest]\nbatch_max = 2000\nmax_pending = 1000\n", "ingest.max_pending"),
-        ("[ingest]\nverify_threads = 0\n", "ingest.verify_threads"),
+        ("[ingest]\nverify_workers = 0\n", "ingest.verify_workers"),
         ("[ingest]\nmax_clock_skew_s = -1\n", "ingest.max_clock_skew_s"),
         ("[ingest]\nkey_refresh_s = 0.0\n", "ingest.key_refresh_s"),
         ("[ingest]\nkey_refresh_s = nan\n", "ingest.key_refresh_s"),
