@@ -52,6 +52,8 @@ CONNECTION_ERRORS: Final = (
     TimeoutError,
 )
 
+_RAW_COLUMNS: Final = ("meter_id", "epoch", "seq", "received_at", "sent", "replay", "kid", "topic", "payload")
+
 # asyncpg's classes are generic only in its stubs: these aliases exist for the type checker.
 if TYPE_CHECKING:
     Connection = asyncpg.Connection[asyncpg.Record]
@@ -434,6 +436,7 @@ class Store:
         """
         if not accepts:
             return [], [], [], []
+        # Only the messages not claimed come back: in the usual batch, none.
         rows = await conn.fetch(
             """WITH input AS (
                    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[],
@@ -442,23 +445,23 @@ class Store:
                claimed AS (
                    INSERT INTO message_seqs SELECT * FROM input
                    ON CONFLICT DO NOTHING RETURNING meter_id, epoch, seq)
-               SELECT i.meter_id, i.epoch, i.seq, c.seq IS NOT NULL AS new, m.digest AS stored,
-                      m.received_at AS stored_at
+               SELECT i.meter_id, i.epoch, i.seq, m.digest AS stored, m.received_at AS stored_at
                FROM input i
-               LEFT JOIN claimed c USING (meter_id, epoch, seq)
-               LEFT JOIN message_seqs m USING (meter_id, epoch, seq)""",
+               LEFT JOIN message_seqs m USING (meter_id, epoch, seq)
+               WHERE NOT EXISTS (SELECT FROM claimed c
+                                 WHERE (c.meter_id, c.epoch, c.seq) = (i.meter_id, i.epoch, i.seq))""",
             [a.message.meter_id for a in accepts],
             [a.message.epoch for a in accepts],
             [a.message.seq for a in accepts],
             [a.message.digest for a in accepts],
             [a.received_at for a in accepts],
         )
-        verdicts = {(r["meter_id"], r["epoch"], r["seq"]): r for r in rows}
-        unresolved = [k for k, r in verdicts.items() if not r["new"] and r["stored"] is None]
+        not_new = {(r["meter_id"], r["epoch"], r["seq"]): r for r in rows}
+        unresolved = [k for k, r in not_new.items() if r["stored"] is None]
         stored: dict[tuple[str, int, int], bytes] = {
-            k: r["stored"] for k, r in verdicts.items() if r["stored"] is not None
+            k: r["stored"] for k, r in not_new.items() if r["stored"] is not None
         }
-        stored_at = {k: r["stored_at"] for k, r in verdicts.items() if r["stored"] is not None}
+        stored_at = {k: r["stored_at"] for k, r in not_new.items() if r["stored"] is not None}
         if unresolved:
             # Claimed by a concurrent transaction that committed after our statement's
             # snapshot was taken (another instance on a shared subscription): look again.
@@ -478,7 +481,7 @@ class Store:
         for accept in accepts:
             m = accept.message
             key = (m.meter_id, m.epoch, m.seq)
-            if verdicts[key]["new"]:
+            if key not in not_new:
                 new.append(accept)
             elif retry and stored.get(key) == m.digest and stored_at.get(key) == accept.received_at:
                 ours.append(accept)
@@ -525,19 +528,16 @@ class Store:
                 *map(list, zip(*event_rows, strict=True)),
             )
             events.update(r["code"] for r in rows)
-        await conn.execute(
-            """INSERT INTO raw_messages (meter_id, epoch, seq, received_at, sent, replay, kid, topic, payload)
-               SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[],
-                                    $5::timestamptz[], $6::boolean[], $7::text[], $8::text[], $9::bytea[])""",
-            [a.message.meter_id for a in accepts],
-            [a.message.epoch for a in accepts],
-            [a.message.seq for a in accepts],
-            [a.received_at for a in accepts],
-            [a.message.sent for a in accepts],
-            [a.message.replay for a in accepts],
-            [a.message.kid for a in accepts],
-            [a.topic for a in accepts],
-            [a.payload for a in accepts],
+        # COPY: no conflict to resolve here (the ledger decided what is new), and binary
+        # COPY costs the client half of what the same rows as unnest() arrays cost.
+        await conn.copy_records_to_table(
+            "raw_messages",
+            columns=_RAW_COLUMNS,
+            records=[
+                (m.meter_id, m.epoch, m.seq, a.received_at, m.sent, m.replay, m.kid, a.topic, a.payload)
+                for a in accepts
+                for m in (a.message,)
+            ],
         )
         return readings, events
 
