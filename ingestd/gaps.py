@@ -148,25 +148,18 @@ async def track_seqs(
     keys = sorted(seen)
     meters = [k[0] for k in keys]
     epochs = [k[1] for k in keys]
-    # Lock order is the sorted key order, in every instance: no deadlocks between them.
-    # A placeholder row first, so that two instances seeing a new epoch at once serialise
-    # on it instead of both opening a gap from seq 1.
-    await conn.execute(
-        """INSERT INTO meter_epochs (meter_id, epoch, max_seq, first_seen_at, last_seen_at)
-           SELECT m, e, 0, $3, $3 FROM unnest($1::text[], $2::bigint[]) AS t(m, e)
-           ON CONFLICT DO NOTHING""",
+    # Placeholders for new epochs, row locks in this sorted order (as in every instance),
+    # the high-water marks before this batch, then advanced, and the meters' waiting gaps
+    # woken: one call (migration 0004 says why each step is there).
+    rows = await conn.fetch(
+        "SELECT meter_id, epoch, previous_max FROM ingestd_advance_epochs($1, $2, $3, $4, $5)",
         meters,
         epochs,
+        [max(seen[k].new_seqs, default=0) for k in keys],
+        [seen[k].last_seen for k in keys],
         now,
     )
-    rows = await conn.fetch(
-        """SELECT meter_id, epoch, max_seq FROM meter_epochs
-           WHERE (meter_id, epoch) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))
-           ORDER BY meter_id, epoch FOR UPDATE""",
-        meters,
-        epochs,
-    )
-    previous = {(r["meter_id"], r["epoch"]): r["max_seq"] for r in rows}
+    previous = {(r["meter_id"], r["epoch"]): r["previous_max"] for r in rows}
     detected: list[tuple[str, int, int, int]] = []
     given_up: list[tuple[str, int, int, int]] = []
     late: dict[tuple[str, int], list[int]] = {}
@@ -181,16 +174,6 @@ async def track_seqs(
         below = [s for s in seen[key].new_seqs if s <= prev]
         if below:
             late[key] = below
-    await conn.execute(
-        """UPDATE meter_epochs AS me
-           SET max_seq = GREATEST(me.max_seq, t.max_seq), last_seen_at = GREATEST(me.last_seen_at, t.seen)
-           FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS t(m, e, max_seq, seen)
-           WHERE me.meter_id = t.m AND me.epoch = t.e""",
-        meters,
-        epochs,
-        [max(seen[k].new_seqs, default=0) for k in keys],
-        [seen[k].last_seen for k in keys],
-    )
     if detected:
         await conn.execute(
             """INSERT INTO gaps (meter_id, epoch, from_seq, to_seq, status, detected_at, next_request_at)
@@ -222,13 +205,6 @@ async def track_seqs(
     for key in keys:
         for rng in seen[key].unavailable:
             counts = counts.plus(await _mark_lost(conn, key, rng, now))
-    # A meter that did not answer is not asked again until it is heard from: now it is.
-    await conn.execute(
-        """UPDATE gaps SET next_request_at = $2
-           WHERE meter_id = ANY($1::text[]) AND status = 'requested' AND next_request_at IS NULL""",
-        sorted(set(meters)),
-        now,
-    )
     return counts
 
 
