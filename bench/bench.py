@@ -243,7 +243,10 @@ def main() -> int:
             "seconds": args.seconds,
         },
     }
-    with PostgresServer(work / "pg") as pg, MosquittoServer(work / "mqtt") as broker:
+    # Durable as in production: every commit is flushed to disk (the test fixtures turn
+    # fsync off, which would flatter the figures).
+    durable = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
+    with PostgresServer(work / "pg", settings=durable) as pg, MosquittoServer(work / "mqtt") as broker:
         dsn = pg.create_database("bench")
         print(f"signing {args.messages} ES256 messages for {args.meters} meters ...", flush=True)
         signers = [
