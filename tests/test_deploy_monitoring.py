@@ -42,6 +42,7 @@ ALERTS = {
     "IngestdGapsNotFilling",
     "IngestdSignatureFailures",
     "IngestdRejectionsRising",
+    "IngestdVerifyWorkerRestarts",
 }
 
 
