@@ -8,6 +8,7 @@ releases the GIL while it verifies.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
@@ -33,8 +34,9 @@ EVENT_CODE: Final = re.compile(r"[0-9]{3}")
 _RFC3339: Final = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
 )
+# Meters read on the same interval boundaries and send within the same seconds: most
+# time strings were seen moments ago.
 _TIME_CACHE_SIZE: Final = 4096
-_TIME_CACHE: Final[dict[str, datetime]] = {}
 # asyncpg sends these two as -infinity and infinity: the first fails a hypertable insert
 # (the whole batch with it), the second would be stored as the time 'infinity'.
 _UNREPRESENTABLE: Final = frozenset({datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)})
@@ -331,20 +333,14 @@ def content_digest(readings: Sequence[Reading], events: Sequence[Event]) -> byte
     return hashlib.sha256(canonical).digest()
 
 
+@functools.lru_cache(maxsize=_TIME_CACHE_SIZE)
 def parse_time(value: str) -> datetime:
-    """An RFC 3339 date-time as an aware UTC datetime; ValueError otherwise."""
-    # Meters read on the same interval boundaries and send within the same seconds:
-    # most strings have been seen moments ago. Only valid times are kept, and datetimes
-    # are immutable, so a hit returns exactly what parsing would.
-    cached = _TIME_CACHE.get(value)
-    if cached is not None:
-        return cached
-    parsed = _parse_time(value)
-    if len(_TIME_CACHE) >= _TIME_CACHE_SIZE:
-        # Crude but bounded, and thread-safe (each dict operation is atomic).
-        _TIME_CACHE.clear()
-    _TIME_CACHE[value] = parsed
-    return parsed
+    """An RFC 3339 date-time as an aware UTC datetime; ValueError otherwise.
+
+    Cached: datetimes are immutable, so a hit returns exactly what parsing would, and
+    only valid times are kept (a ValueError is not cached).
+    """
+    return _parse_time(value)
 
 
 def _parse_time(value: str) -> datetime:
