@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import pickle
+import random
 import signal
 import struct
 import sys
@@ -13,13 +15,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 
+from conftest import running_daemon
+from helpers import metric, publish, wait_settled
+from ingestd.config import Config
 from ingestd.envelope import MeterKey, Signed, prepare
 from ingestd.errors import ServiceUnavailable
 from ingestd.signature import ALGS, Alg, Signer, public_key_pem
-from ingestd.simulator import KeyFactory
+from ingestd.simulator import KeyFactory, build_fleet, register_fleet
+from ingestd.store import Store
 from ingestd.verifier import WORKER_COMMAND, VerifierPool, serve
 
 NOW = datetime(2026, 11, 30, tzinfo=UTC)
@@ -33,6 +40,20 @@ from ingestd import verifier
 real = verifier.verify
 def verify(alg, key, signature, signing_input):
     if {POISON!r} in signing_input:
+        os._exit(70)
+    return real(alg, key, signature, signing_input)
+verifier.verify = verify
+verifier.main()
+"""
+
+# The same, for whole messages: it dies on a message whose signed body holds POISON.
+POISONED_BODY_WORKER = f"""
+import base64, os
+from ingestd import verifier
+real = verifier.verify
+def verify(alg, key, signature, signing_input):
+    payload = signing_input.split(b".")[1]
+    if {POISON!r} in base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)):
         os._exit(70)
     return real(alg, key, signature, signing_input)
 verifier.verify = verify
@@ -243,3 +264,46 @@ def test_serve_speaks_the_documented_protocol(fleet: Fleet) -> None:
 def test_the_default_command_runs_this_interpreter() -> None:
     assert WORKER_COMMAND[0] == sys.executable
     assert WORKER_COMMAND[1:] == ("-m", "ingestd.verifier")
+
+
+async def test_a_poisonous_message_through_the_daemon(
+    config: Config,
+    store: Store,
+    db: asyncpg.Connection[asyncpg.Record],
+    key_factory: KeyFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the real broker and database: the message that kills the verifier is
+    quarantined as bad_signature, saying so; every other message is stored."""
+    script = tmp_path / "poisoned.py"
+    script.write_text(POISONED_BODY_WORKER)
+    monkeypatch.setattr(
+        "ingestd.pipeline.VerifierPool",
+        functools.partial(VerifierPool, command=[sys.executable, str(script)]),
+    )
+    fleet = build_fleet(len(ALGS), prefix="P-", keys=key_factory)
+    await register_fleet(store, fleet)
+    rng = random.Random(3)
+    messages = [
+        (f"meters/{meter.meter_id}/up", meter.sign(meter.next_body(datetime.now(UTC), rng)))
+        for meter in fleet
+        for _ in range(4)
+    ]
+    victim = fleet[2]
+    poisoned = victim.next_body(datetime.now(UTC), rng)
+    poisoned["note"] = POISON.decode()
+    messages.insert(7, (f"meters/{victim.meter_id}/up", victim.sign(poisoned)))
+    async with running_daemon(config) as daemon:
+        registry = daemon.metrics.registry
+        await publish(config.mqtt.host, config.mqtt.port, messages)
+        await wait_settled(registry, len(messages))
+        assert metric(registry, "ingestd_messages_accepted_total") == len(messages) - 1
+        assert metric(registry, "ingestd_messages_rejected_total", reason="bad_signature") == 1
+        assert metric(registry, "ingestd_verify_worker_restarts_total") >= 2
+    rows = await db.fetch("SELECT reason, detail, meter_id, payload FROM quarantine")
+    assert [(r["reason"], r["meter_id"], bytes(r["payload"])) for r in rows] == [
+        ("bad_signature", victim.meter_id, messages[7][1])
+    ]
+    assert "it crashed the verifier" in rows[0]["detail"]
+    assert await db.fetchval("SELECT count(*) FROM raw_messages") == len(messages) - 1
