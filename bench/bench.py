@@ -84,45 +84,43 @@ def presign(
     return messages
 
 
+def _stat_fields(stat: Path) -> list[str] | None:
+    """The fields of a /proc stat file after the command name; None once it is gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _cpu_s(fields: list[str] | None) -> float:
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    return _cpu_s(_stat_fields(Path(f"/proc/{pid}/stat")))
+
+
+def children_of(pid: int) -> list[int]:
+    return [
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if (fields := _stat_fields(stat)) is not None and int(fields[1]) == pid
+    ]
 
 
 def daemon_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds of the daemon: its main thread (the event loop), its other threads, and
     its child processes (the verification workers, still running)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     split = {"event_loop": 0.0, "other_threads": 0.0, "verify_workers": 0.0}
     for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        key = "event_loop" if stat.parent.name == str(pid) else "other_threads"
-        split[key] += (int(fields[11]) + int(fields[12])) / ticks
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            split["verify_workers"] += (int(fields[11]) + int(fields[12])) / ticks
+        split["event_loop" if stat.parent.name == str(pid) else "other_threads"] += _cpu_s(_stat_fields(stat))
+    split["verify_workers"] = sum(proc_cpu_s(child) for child in children_of(pid))
     return split
 
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds of a process and its children (the postmaster and its backends)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat.parent.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return proc_cpu_s(pid) + sum(proc_cpu_s(child) for child in children_of(pid))
 
 
 def proc_peak_rss_mib(pid: int) -> float:
@@ -343,6 +341,7 @@ def main() -> int:
         metrics = wait_metric(metrics_port, "ingestd_messages_received_total", len(backlog) + total)
         metrics = wait_metric(metrics_port, "ingestd_messages_accepted_total", len(backlog) + total)
         peak_rss = proc_peak_rss_mib(daemon.pid)
+        workers_rss = sum(proc_peak_rss_mib(child) for child in children_of(daemon.pid))
         rows = asyncio.run(count_rows(dsn))
         # Phase 1's messages waited in the backlog: count only what phase 2 added.
         delta = {k: v - before.get(k, 0.0) for k, v in metrics.items()}
@@ -353,7 +352,10 @@ def main() -> int:
             "sent_to_commit_p50_ms": round(histogram_quantile(0.5, delta, name) * 1000, 1),
             "sent_to_commit_p99_ms": round(histogram_quantile(0.99, delta, name) * 1000, 1),
         }
-        results["memory"] = {"daemon_peak_rss_mib": round(peak_rss, 1)}
+        results["memory"] = {
+            "daemon_peak_rss_mib": round(peak_rss, 1),
+            "verify_workers_peak_rss_mib": round(workers_rss, 1),
+        }
         results["exactly_once_all"] = (
             rows["readings"] == len(backlog) + total and rows["message_seqs"] == len(backlog) + total
         )
@@ -383,6 +385,7 @@ def print_table(results: dict[str, Any]) -> None:
         ),
         ("sent-to-commit p99 at live rate", f"{lat['sent_to_commit_p99_ms']} ms"),
         ("daemon peak RSS", f"{mem['daemon_peak_rss_mib']} MiB"),
+        ("verification workers' peak RSS, added up", f"{mem['verify_workers_peak_rss_mib']} MiB"),
         ("every message stored exactly once", str(t["exactly_once"] and results["exactly_once_all"])),
     ]
     width = max(len(r[0]) for r in rows)
