@@ -110,6 +110,8 @@ class IngestConfig:
     verify_workers: int = 2
     max_clock_skew_s: int = 300
     quarantine_payload_max: int = 4096
+    # Quarantine rows older than this are deleted (hourly); 0 keeps them for ever.
+    quarantine_retention_days: float = 365.0
     # Keys are cached; unknown kids are looked up at once, the whole set every refresh.
     key_refresh_s: float = 60.0
     # Back-off while the database is unreachable.
@@ -124,6 +126,7 @@ class IngestConfig:
         _require_range("ingest.verify_workers", self.verify_workers, 1, 64)
         _require_range("ingest.max_clock_skew_s", self.max_clock_skew_s, 0, 86400)
         _require_range("ingest.quarantine_payload_max", self.quarantine_payload_max, 0, 65536)
+        _require_range("ingest.quarantine_retention_days", self.quarantine_retention_days, 0, 36500)
         _require_range("ingest.key_refresh_s", self.key_refresh_s, 0.1, 86400)
         _require_range("ingest.db_retry_initial_s", self.db_retry_initial_s, 0.01, 60)
         _require_range("ingest.db_retry_max_s", self.db_retry_max_s, self.db_retry_initial_s, 3600)

@@ -26,6 +26,7 @@ from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
 from ingestd.pipeline import Pipeline
+from ingestd.retention import QuarantineRetention
 from ingestd.store import Store
 from ingestd.systemd import Notifier
 
@@ -95,6 +96,7 @@ class Daemon:
             )
             metrics_server = MetricsServer(self.metrics, cfg.metrics.addr)
             health = HealthMonitor(cfg.flags, store=store, metrics=self.metrics, now=self._now)
+            retention = QuarantineRetention(cfg.ingest, store=store, metrics=self.metrics, now=self._now)
             async with metrics_server, pipeline, health:
                 self.metrics_port = metrics_server.port
                 async with asyncio.TaskGroup() as tg:
@@ -108,6 +110,7 @@ class Daemon:
                         tg.create_task(link.run(), name="mqtt"),
                         tg.create_task(requester.run(), name="gaps"),
                         tg.create_task(health.run(), name="health"),
+                        tg.create_task(retention.run(), name="quarantine-retention"),
                     ]
                     notifier.status("connecting to the broker")
                     # A stop asked for while the broker is still out of reach is honoured

@@ -64,6 +64,11 @@ class Metrics:
             "1 while reading from the broker is paused because too much is pending.",
             registry=r,
         )
+        self.quarantine_pruned = Counter(
+            "ingestd_quarantine_pruned",
+            "Quarantine rows deleted for being older than ingest.quarantine_retention_days.",
+            registry=r,
+        )
         self.verify_worker_restarts = Counter(
             "ingestd_verify_worker_restarts",
             "Signature verification worker processes that died and were replaced.",

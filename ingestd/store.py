@@ -560,6 +560,27 @@ class Store:
             [len(r.payload) for r in rejects],
         )
 
+    async def prune_quarantine(self, before: datetime, *, chunk: int = 10_000) -> int:
+        """Delete quarantine rows received before ``before``; returns how many.
+
+        In chunks, each its own short transaction, so that a large backlog (the first run
+        after a flood) never holds a long lock or a long transaction.
+        """
+        total = 0
+        while True:
+            async with self.connection() as conn:
+                status = await conn.execute(
+                    """DELETE FROM quarantine WHERE id IN (
+                           SELECT id FROM quarantine WHERE received_at < $1
+                           ORDER BY received_at LIMIT $2)""",
+                    before,
+                    chunk,
+                )
+            deleted = _row_count(status)
+            total += deleted
+            if deleted < chunk:
+                return total
+
 
 def seq_conflict(accept: Accept) -> Reject:
     m = accept.message
