@@ -82,14 +82,12 @@ class _Worker:
             worker.kill()
             raise
         except (_WorkerDiedError, TimeoutError) as exc:
-            worker.kill()
-            await worker.wait()
+            await worker.stop()
             raise ServiceUnavailable(
                 f"verification worker did not start ({' '.join(command)}; exit status {proc.returncode})"
             ) from exc
         if ready:
-            worker.kill()
-            await worker.wait()
+            await worker.stop()
             raise ServiceUnavailable("verification worker sent an unexpected greeting")
         return worker
 
@@ -115,6 +113,9 @@ class _Worker:
             raise _WorkerDiedError from exc
 
     def kill(self) -> None:
+        # Only for a worker that is alive (or may be): killing polls the process first,
+        # and a poll that reaps it takes its exit status from asyncio (which reports 255).
+        # A worker whose pipes broke is ending: stop() waits for its status instead.
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
         self._close_stdin()
@@ -126,7 +127,8 @@ class _Worker:
         self.proc._transport.close()  # type: ignore[attr-defined]  # noqa: SLF001
 
     async def stop(self) -> None:
-        """Close its stdin (the worker exits on end of input); kill it if it lingers."""
+        """Close its stdin (the worker exits on end of input, if it has not already ended);
+        kill it if it lingers."""
         self._close_stdin()
         try:
             async with asyncio.timeout(_STOP_TIMEOUT_S):
@@ -235,8 +237,7 @@ class VerifierPool:
 
     async def _replace(self, worker: _Worker) -> None:
         self._all.discard(worker)
-        worker.kill()
-        await worker.wait()
+        await worker.stop()
         log.warning("verification_worker_died", pid=worker.proc.pid, status=worker.proc.returncode)
         self._on_restart()
         self._add(await _Worker.start(self._command))
