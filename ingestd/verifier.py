@@ -51,6 +51,10 @@ _LENGTH: Final = struct.Struct("!I")
 _KEY_CACHE_SIZE: Final = 20_000
 _START_TIMEOUT_S: Final = 30.0
 _STOP_TIMEOUT_S: Final = 5.0
+# A verification takes well under a millisecond (DSA-2048, the slowest, 0.25 ms): a worker
+# that has not answered in this time plus 10 ms a message is stuck, and is treated as dead.
+ANSWER_TIMEOUT_S: Final = 5.0
+_ANSWER_TIMEOUT_PER_ITEM_S: Final = 0.01
 
 # One request: the distinct keys, and (key index, signature, signing input) per message.
 Request = tuple[list[tuple[Alg, bytes]], list[tuple[int, bytes, bytes]]]
@@ -152,8 +156,10 @@ class VerifierPool:
         *,
         command: Sequence[str] = WORKER_COMMAND,
         on_restart: Callable[[], None] = lambda: None,
+        answer_timeout_s: float = ANSWER_TIMEOUT_S,
     ) -> None:
         self._size = workers
+        self._answer_timeout_s = answer_timeout_s
         self._command = tuple(command)
         self._on_restart = on_restart
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
@@ -201,13 +207,13 @@ class VerifierPool:
 
     async def _verify_part(self, signed: Sequence[Signed], *, retried: bool = False) -> list[bool | None]:
         try:
-            answer = await self._call(self._request(signed))
+            answer = await self._call(self._request(signed), len(signed))
         except _WorkerDiedError:
             if not retried:
                 # Most likely the worker was killed from outside: once more, whole.
                 return await self._verify_part(signed, retried=True)
             if len(signed) == 1:
-                # The news is the worker's death; a traceback of ours would add nothing.
+                # The news is the worker's death (or hang); a traceback of ours adds nothing.
                 log.error("verification_crashed", kid=signed[0].header.kid)  # noqa: TRY400
                 return [None]
             half = len(signed) // 2
@@ -219,10 +225,18 @@ class VerifierPool:
             raise ServiceUnavailable(f"verification worker answered {len(answer)} of {len(signed)}")
         return [byte == 1 for byte in answer]
 
-    async def _call(self, request: bytes) -> bytes:
+    async def _call(self, request: bytes, count: int) -> bytes:
         worker = await self._idle.get()
         try:
-            answer = await worker.call(request)
+            async with asyncio.timeout(self._answer_timeout_s + count * _ANSWER_TIMEOUT_PER_ITEM_S):
+                answer = await worker.call(request)
+        except TimeoutError:
+            # Stuck (a hostile input looping in a library, a stopped process): as if dead,
+            # so that the halving finds the message that does it.
+            log.warning("verification_worker_stuck", pid=worker.proc.pid, messages=count)
+            worker.kill()
+            await self._replace(worker)
+            raise _WorkerDiedError from None
         except _WorkerDiedError:
             await self._replace(worker)
             raise

@@ -48,6 +48,20 @@ verifier.verify = verify
 verifier.main()
 """
 
+# A worker that hangs (as a library looping on a hostile input would) on any message
+# containing POISON.
+STUCK_WORKER = f"""
+import time
+from ingestd import verifier
+real = verifier.verify
+def verify(alg, key, signature, signing_input):
+    if {POISON!r} in signing_input:
+        time.sleep(3600)
+    return real(alg, key, signature, signing_input)
+verifier.verify = verify
+verifier.main()
+"""
+
 # The same, for whole messages: it dies on a message whose signed body holds POISON.
 POISONED_BODY_WORKER = f"""
 import base64, os
@@ -207,6 +221,23 @@ async def test_a_poisonous_message_is_isolated(fleet: Fleet, tmp_path: Path) -> 
         # And the pool is whole afterwards.
         assert len(worker_pids(pool)) == 2
         assert await pool.verify(messages[:5]) == expected[:5]
+
+
+async def test_a_message_that_hangs_the_worker_is_isolated(fleet: Fleet, tmp_path: Path) -> None:
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_WORKER)
+    messages, expected = mixed(fleet, 16)
+    messages[5] = fleet.poisonous("ES256", 5)
+    expected[5] = None  # type: ignore[call-overload]
+    restarts = []
+    async with VerifierPool(
+        2, command=[sys.executable, str(script)], on_restart=lambda: restarts.append(1), answer_timeout_s=0.3
+    ) as pool:
+        with structlog.testing.capture_logs() as logs:
+            assert await pool.verify(messages) == expected
+        assert len(worker_pids(pool)) == 2
+    stuck = [e for e in logs if e["event"] == "verification_worker_stuck"]
+    assert len(stuck) == len(restarts) >= 2
 
 
 @pytest.mark.parametrize(
