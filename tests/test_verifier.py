@@ -10,6 +10,7 @@ import pickle
 import random
 import signal
 import struct
+import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -294,6 +295,37 @@ def test_serve_speaks_the_documented_protocol(fleet: Fleet) -> None:
     stdout = io.BytesIO()
     serve(stdin, stdout)
     assert stdout.getvalue() == struct.pack("!I", 0) + struct.pack("!I", 3) + bytes([1, 0, 0])
+
+
+def test_the_worker_program_is_quiet_and_light() -> None:
+    """Started as the daemon starts it: ready at once, silent on stderr (a warning there
+    would reach the journal at every start), done at the end of its input, and without
+    the daemon's own dependencies loaded."""
+    probe = (
+        "import sys, runpy; runpy.run_module('ingestd.verifier', run_name='__main__'); "
+        "loaded = [m for m in ('asyncpg', 'aiomqtt', 'prometheus_client') if m in sys.modules]; "
+        "sys.stderr.write(' '.join(loaded))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", probe], input=b"", capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0
+    assert done.stdout == struct.pack("!I", 0)
+    assert done.stderr == b""
+
+
+def test_a_worker_whose_daemon_is_gone_exits_quietly() -> None:
+    """Killed daemon, unread answer: the worker ends with status 0 and no traceback."""
+    proc = subprocess.Popen(
+        [*WORKER_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.read(4) == struct.pack("!I", 0)
+    proc.stdout.close()  # the daemon is gone: nobody reads the answer
+    empty = pickle.dumps(([], []))
+    _, stderr = proc.communicate(input=struct.pack("!I", len(empty)) + empty, timeout=60)
+    assert proc.returncode == 0
+    assert stderr == b""
 
 
 def test_the_default_command_runs_this_interpreter() -> None:
