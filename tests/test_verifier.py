@@ -35,47 +35,29 @@ from ingestd.verifier import WORKER_COMMAND, VerifierPool, serve
 NOW = datetime(2026, 11, 30, tzinfo=UTC)
 POISON = b"poison"
 
-# A worker that dies (as a crash in a library would kill it) on any message containing
-# POISON, and otherwise is the real one.
-POISONED_WORKER = f"""
-import os
+
+def misbehaving_worker(marked: str, then: str) -> str:
+    """A worker program that is the real one but for messages where ``marked`` (an
+    expression of ``signing_input`` and ``body``, the signed body) holds: there it runs
+    ``then``, as a library crashing or looping on a hostile input would."""
+    return f"""
+import base64, os, time
 from ingestd import verifier
 real = verifier.verify
 def verify(alg, key, signature, signing_input):
-    if {POISON!r} in signing_input:
-        os._exit(70)
+    payload = signing_input.split(b".")[-1]
+    body = base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4))
+    if {marked}:
+        {then}
     return real(alg, key, signature, signing_input)
 verifier.verify = verify
 verifier.main()
 """
 
-# A worker that hangs (as a library looping on a hostile input would) on any message
-# containing POISON.
-STUCK_WORKER = f"""
-import time
-from ingestd import verifier
-real = verifier.verify
-def verify(alg, key, signature, signing_input):
-    if {POISON!r} in signing_input:
-        time.sleep(3600)
-    return real(alg, key, signature, signing_input)
-verifier.verify = verify
-verifier.main()
-"""
 
-# The same, for whole messages: it dies on a message whose signed body holds POISON.
-POISONED_BODY_WORKER = f"""
-import base64, os
-from ingestd import verifier
-real = verifier.verify
-def verify(alg, key, signature, signing_input):
-    payload = signing_input.split(b".")[1]
-    if {POISON!r} in base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)):
-        os._exit(70)
-    return real(alg, key, signature, signing_input)
-verifier.verify = verify
-verifier.main()
-"""
+POISONED_WORKER = misbehaving_worker(f"{POISON!r} in signing_input", "os._exit(70)")
+STUCK_WORKER = misbehaving_worker(f"{POISON!r} in signing_input", "time.sleep(3600)")
+POISONED_BODY_WORKER = misbehaving_worker(f"{POISON!r} in body", "os._exit(70)")
 
 # A worker that dies on its first request when the marker file is missing: a worker killed
 # from outside, once.
@@ -204,41 +186,33 @@ async def test_a_worker_dying_once_mid_request_costs_nothing(fleet: Fleet, tmp_p
     assert len(restarts) == 1
 
 
-async def test_a_poisonous_message_is_isolated(fleet: Fleet, tmp_path: Path) -> None:
-    """A message that kills the worker every time is found by halving, and reported as
-    unverifiable (None); every other message gets its true verdict."""
-    script = tmp_path / "poisoned.py"
-    script.write_text(POISONED_WORKER)
+@pytest.mark.parametrize(
+    ("program", "event"),
+    [(POISONED_WORKER, "verification_worker_died"), (STUCK_WORKER, "verification_worker_stuck")],
+    ids=["crashes", "hangs"],
+)
+async def test_a_message_that_breaks_the_worker_is_isolated(
+    program: str, event: str, fleet: Fleet, tmp_path: Path
+) -> None:
+    """A message that kills or hangs the worker every time is found by halving, and
+    reported as unverifiable (None); every other message gets its true verdict."""
+    script = tmp_path / "worker.py"
+    script.write_text(program)
     messages, expected = mixed(fleet, 40)
     messages[17] = fleet.poisonous("EdDSA", 17)
     expected[17] = None  # type: ignore[call-overload]
-    restarts = []
-    async with VerifierPool(
-        2, command=[sys.executable, str(script)], on_restart=lambda: restarts.append(1)
-    ) as pool:
-        assert await pool.verify(messages) == expected
-        # Bounded: a retry, then one crash per halving of a 20-message part.
-        assert 2 <= len(restarts) <= 2 + 5
-        # And the pool is whole afterwards.
-        assert len(worker_pids(pool)) == 2
-        assert await pool.verify(messages[:5]) == expected[:5]
-
-
-async def test_a_message_that_hangs_the_worker_is_isolated(fleet: Fleet, tmp_path: Path) -> None:
-    script = tmp_path / "stuck.py"
-    script.write_text(STUCK_WORKER)
-    messages, expected = mixed(fleet, 16)
-    messages[5] = fleet.poisonous("ES256", 5)
-    expected[5] = None  # type: ignore[call-overload]
     restarts = []
     async with VerifierPool(
         2, command=[sys.executable, str(script)], on_restart=lambda: restarts.append(1), answer_timeout_s=0.3
     ) as pool:
         with structlog.testing.capture_logs() as logs:
             assert await pool.verify(messages) == expected
+        # Bounded: a retry, then one per halving of a 20-message part.
+        assert 2 <= len(restarts) <= 2 + 5
+        assert sum(e["event"] == event for e in logs) == len(restarts)
+        # And the pool is whole afterwards.
         assert len(worker_pids(pool)) == 2
-    stuck = [e for e in logs if e["event"] == "verification_worker_stuck"]
-    assert len(stuck) == len(restarts) >= 2
+        assert await pool.verify(messages[:5]) == expected[:5]
 
 
 @pytest.mark.parametrize(
