@@ -2,8 +2,8 @@
 
 Order matters for security: nothing inside the body is believed before the signature over
 it has been checked against a registered, valid key of the meter named in the topic.
-Pure and thread-safe: the pipeline runs it in worker threads, since ``cryptography``
-releases the GIL while it verifies.
+Pure: the pipeline runs the signature check (``signature.verify``, most of the cost) in
+worker processes (``ingestd.verifier``) and the rest on its event loop.
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ def check_message(
     """Every check of wire protocol v1 but the duplicate check (which needs the database).
 
     Raises Rejected with the first reason that applies. The pipeline runs the same three
-    steps apart: ``prepare`` and ``accept_signed`` on the event loop, ``signature_ok`` (the
-    costly one, in C without the GIL) in threads.
+    steps apart: ``prepare`` and ``accept_signed`` on the event loop, the signature check
+    (the costly one) in the verification worker processes.
     """
     signed = prepare(payload, received_at, keys)
     if not signature_ok(signed):

@@ -1,8 +1,8 @@
 """The verifier's cache of registered meter keys, kept current from the database.
 
-Read from verification threads while the event loop updates it: entries are immutable
-and replaced whole, and a dict lookup or assignment is atomic in CPython, so readers see
-either the old key or the new one, never a mixture.
+Read and updated on the event loop only (the verification workers get the key itself with
+each request): entries are immutable and replaced whole, so a batch sees either the old
+key or the new one, never a mixture.
 """
 
 from __future__ import annotations

@@ -309,8 +309,7 @@ class _FastReceive:
     paho reads a packet with three or four ``recv`` calls (command byte, length bytes,
     body) and returns to the event loop after each packet; every PUBLISH then builds a
     ``Properties`` and an ``MQTTMessage`` and matches the topic against per-topic
-    callbacks. At thousands of messages a second that is most of the event loop's time,
-    and each ``recv`` gives the GIL to a verify thread and waits to get it back.
+    callbacks. At thousands of messages a second that is most of the event loop's time.
 
     - ``recv`` is served from a buffer filled by one large read;
     - ``loop_read`` keeps going while the buffer holds bytes, and so returns with it
