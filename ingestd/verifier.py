@@ -191,10 +191,6 @@ class VerifierPool:
         killed, self._killed = self._killed, []
         await asyncio.gather(*(w.stop() for w in workers), *(w.wait() for w in killed))
 
-    @property
-    def size(self) -> int:
-        return self._size
-
     async def verify(self, signed: Sequence[Signed]) -> list[bool | None]:
         """A verdict per message: True (valid), False (not), None (could not be checked:
         it killed the worker every time it was tried)."""
