@@ -242,6 +242,13 @@ def bad_signature(signed: Signed) -> Rejected:
     return Rejected("bad_signature", f"signature does not verify with key {kid!r}", kid=kid)
 
 
+def unverifiable(signed: Signed) -> Rejected:
+    """A signature that could not be checked at all (it crashed or hung the verifier): not
+    believed, so rejected as a bad signature, saying why."""
+    kid = signed.header.kid
+    return Rejected("bad_signature", f"it crashed the verifier (key {kid!r})", kid=kid)
+
+
 def accept_signed(
     signed: Signed, topic: str, received_at: datetime, *, topic_prefix: str, max_clock_skew: timedelta
 ) -> Message:

@@ -22,7 +22,7 @@ import asyncpg
 import structlog
 
 from ingestd.config import IngestConfig
-from ingestd.envelope import Signed, accept_signed, bad_signature, prepare, topic_meter
+from ingestd.envelope import Signed, accept_signed, bad_signature, prepare, topic_meter, unverifiable
 from ingestd.errors import Rejected
 from ingestd.gaps import record_gap_counts
 from ingestd.keyring import Keyring
@@ -191,9 +191,7 @@ class Pipeline:
                 continue
             verdict = next(verdicts)
             if verdict is None:
-                kid = p.header.kid
-                crashed = Rejected("bad_signature", f"it crashed the verifier (key {kid!r})", kid=kid)
-                results.append(self._reject(d, crashed))
+                results.append(self._reject(d, unverifiable(p)))
             elif not verdict:
                 results.append(self._reject(d, bad_signature(p)))
             else:
