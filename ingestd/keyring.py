@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
+import asyncpg
 import structlog
 
 from ingestd.envelope import MeterKey
+from ingestd.faults import describe
 from ingestd.store import CONNECTION_ERRORS, Store
 
 log = structlog.get_logger("ingestd.keyring")
@@ -96,8 +98,10 @@ class Keyring:
                 elif self._changed:
                     kids, self._changed = self._changed, set()
                     await self._reload(kids)
-            except CONNECTION_ERRORS as exc:
-                log.warning("keyring_refresh_failed", error=str(exc))
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                # Whatever the database says (a lost connection, a full lock table): the
+                # cache as it is serves on, and the reload is tried again soon.
+                log.warning("keyring_refresh_failed", error=describe(exc))
                 next_full = loop.time() + min(refresh_s, 5.0)
 
     async def _reload(self, kids: set[str]) -> None:

@@ -16,22 +16,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Final, Protocol, Self
 
-import asyncpg
 import structlog
 
 from ingestd.config import IngestConfig
 from ingestd.envelope import Signed, accept_signed, bad_signature, prepare, topic_meter, unverifiable
 from ingestd.errors import Rejected
+from ingestd.faults import Fault, classify, describe, timed_out
 from ingestd.gaps import record_gap_counts
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics
 from ingestd.mqtt import Delivery
-from ingestd.store import CONNECTION_ERRORS, Accept, BatchResult, Reject, Store, seq_conflict
+from ingestd.store import Accept, BatchResult, Reject, Store, seq_conflict
 from ingestd.verifier import VerifierPool
 
 log = structlog.get_logger("ingestd.pipeline")
+
+# A batch that times out this many times in a row is split: a smaller one may fit in the
+# time (``database.command_timeout_s``), and a message slow to write must not hold back
+# the others. Not 1: one timeout is as often a passing stall as a batch too big.
+SPLIT_AFTER_TIMEOUTS: Final = 2
 
 
 class Upstream(Protocol):
@@ -161,19 +166,28 @@ class Pipeline:
     async def _verify(self, deliveries: list[Delivery]) -> Batch:
         results = await self._check_all(deliveries)
         unknown = {r.kid for r in results if isinstance(r, Reject) and r.reason == "unknown_key" and r.kid}
-        if unknown:
-            try:
-                found = await self._keyring.fetch(unknown)
-            except CONNECTION_ERRORS:
-                found = False
-            if found:
-                # Keys registered since the cache was filled: check those messages again.
-                again = [i for i, r in enumerate(results) if isinstance(r, Reject) and r.kid in unknown]
-                for i, result in zip(
-                    again, await self._check_all([deliveries[i] for i in again]), strict=True
-                ):
-                    results[i] = result
+        if unknown and await self._fetch_keys(unknown):
+            # Keys registered since the cache was filled: check those messages again.
+            again = [i for i, r in enumerate(results) if isinstance(r, Reject) and r.kid in unknown]
+            for i, result in zip(again, await self._check_all([deliveries[i] for i in again]), strict=True):
+                results[i] = result
         return _assemble(deliveries, results)
+
+    async def _fetch_keys(self, kids: set[str]) -> bool:
+        """Look up kids the cache lacks; True when any was found. While the database cannot
+        answer, this waits and asks again: a message is ``unknown_key`` only when the
+        database says the key does not exist, never because it could not be asked."""
+        delay = self._config.db_retry_initial_s
+        while True:
+            try:
+                return await self._keyring.fetch(kids)
+            except Exception as exc:
+                if classify(exc) is None:
+                    raise
+                self._metrics.db_up.set(0)
+                log.warning("key_lookup_failed", error=describe(exc), retry_in_s=round(delay, 3))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._config.db_retry_max_s)
 
     async def _check_all(self, deliveries: Sequence[Delivery]) -> list[Accept | Reject]:
         """Parse on the event loop, verify signatures in the worker processes, then read
@@ -238,65 +252,93 @@ class Pipeline:
             self._finish(batch, result)
 
     async def _store_with_retry(self, batch: Batch) -> BatchResult:
+        return await self._store_part(batch.accepts, batch.rejects, retry=False)
+
+    async def _store_part(self, accepts: list[Accept], rejects: list[Reject], *, retry: bool) -> BatchResult:
+        """Write until committed; what ``faults`` says decides how.
+
+        Never acknowledged meanwhile: only a commit ends this. A batch the server refuses
+        for its data, or that keeps timing out, is split in halves (each written the same
+        way) until the message at fault is alone; only a message refused alone for its
+        data is quarantined. ``retry``: an earlier attempt's commit may have gone through
+        (its answer was lost), so the store counts rows it finds of this very delivery as
+        accepted, not as duplicates.
+        """
         delay = self._config.db_retry_initial_s
-        # After a lost connection the commit may have gone through; the store then finds
-        # this batch's own rows and counts them as accepted, not as duplicates.
-        retry = False
+        timeouts = 0
         while True:
             try:
                 with self._metrics.db_write_seconds.time():
-                    result = await self._write(batch, retry=retry)
-            except asyncpg.TransactionRollbackError as exc:
-                # A deadlock or serialisation failure with another instance: try again now.
+                    result = await self._store.write_batch(accepts, rejects, retry=retry)
+            except Exception as exc:
+                fault = classify(exc)
+                if fault is None:
+                    raise
                 self._metrics.db_write_errors.inc()
-                log.info("db_write_retry", error=str(exc))
-            except CONNECTION_ERRORS as exc:
-                retry = True
-                self._metrics.db_write_errors.inc()
+                size = len(accepts) + len(rejects)
+                if fault is Fault.DATA and size == 1 and rejects and rejects[0] == _plain(rejects[0]):
+                    # Not even a plain quarantine row is taken: a trigger or constraint of
+                    # the operator's, not the message, is at fault. Hold it like any outage.
+                    fault = Fault.TRANSIENT
+                if fault is Fault.DATA:
+                    if size == 1:
+                        return await self._refused(accepts, rejects, exc, retry=retry)
+                    # The cause is in `error`; a traceback would say nothing more.
+                    log.error("batch_refused", error=describe(exc), size=size)  # noqa: TRY400
+                    return await self._split(accepts, rejects, retry=retry)
+                retry = retry or fault is Fault.LOST
+                timeouts = timeouts + 1 if timed_out(exc) else 0
+                if timeouts >= SPLIT_AFTER_TIMEOUTS and size > 1:
+                    # The same batch timed out again: a smaller one may fit in the time,
+                    # and a message slow to write must not hold back all the others.
+                    log.warning("batch_timed_out", error=describe(exc), size=size, attempts=timeouts)
+                    return await self._split(accepts, rejects, retry=retry)
                 self._metrics.db_up.set(0)
-                log.warning("db_write_failed", error=str(exc) or type(exc).__name__, retry_in_s=delay)
+                log.warning(
+                    "db_write_failed",
+                    error=describe(exc),
+                    fault=fault.value,
+                    size=size,
+                    retry_in_s=round(delay, 3),
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._config.db_retry_max_s)
             else:
                 self._metrics.db_up.set(1)
                 return result
 
-    async def _write(self, batch: Batch, *, retry: bool) -> BatchResult:
-        try:
-            return await self._store.write_batch(batch.accepts, batch.rejects, retry=retry)
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, (*CONNECTION_ERRORS, asyncpg.TransactionRollbackError)):
-                raise
-            # The server refused the data itself. Find the message that it refuses, one at
-            # a time, and quarantine it, rather than retrying the whole batch for ever.
-            # The cause is in `error`; a traceback would say nothing more.
-            log.error("batch_refused", error=str(exc), size=len(batch.deliveries))  # noqa: TRY400
-            return await self._write_one_by_one(batch)
-
-    async def _write_one_by_one(self, batch: Batch) -> BatchResult:
+    async def _split(self, accepts: list[Accept], rejects: list[Reject], *, retry: bool) -> BatchResult:
+        a, r = (len(accepts) + 1) // 2, (len(rejects) + 1) // 2
         total = BatchResult([], 0, [], 0, collections.Counter())
-        for reject in batch.rejects:
-            total = total.plus(await self._store.write_batch([], [reject]))
-        for accept in batch.accepts:
-            try:
-                part = await self._store.write_batch([accept], [])
-            except asyncpg.PostgresError as exc:
-                if isinstance(exc, CONNECTION_ERRORS):
-                    raise
-                m = accept.message
-                reject = Reject(
-                    "bad_body",
-                    f"database refused it: {str(exc).splitlines()[0]}",
-                    accept.topic,
-                    accept.payload,
-                    accept.received_at,
-                    m.meter_id,
-                    m.kid,
-                )
-                await self._store.write_batch([], [reject])
-                part = BatchResult([], 0, [reject], 0, collections.Counter())
-            total = total.plus(part)
+        for part_accepts, part_rejects in ((accepts[:a], rejects[:r]), (accepts[a:], rejects[r:])):
+            if part_accepts or part_rejects:
+                total = total.plus(await self._store_part(part_accepts, part_rejects, retry=retry))
         return total
+
+    async def _refused(
+        self, accepts: list[Accept], rejects: list[Reject], exc: BaseException, *, retry: bool
+    ) -> BatchResult:
+        """One message whose data the server refuses, alone: quarantine it instead."""
+        if rejects:
+            # A quarantine row the server refuses: keep the verdict and the payload, in text
+            # it cannot refuse, rather than holding every meter's data behind it.
+            log.error("quarantine_row_refused", error=describe(exc), topic=rejects[0].topic[:200])
+            await self._store_part([], [_plain(rejects[0])], retry=retry)
+            return BatchResult([], 0, [], 0, collections.Counter())
+        accept = accepts[0]
+        m = accept.message
+        log.error("message_refused", meter=m.meter_id, epoch=m.epoch, seq=m.seq, error=describe(exc))
+        reject = Reject(
+            "bad_body",
+            f"database refused it: {describe(exc)}",
+            accept.topic,
+            accept.payload,
+            accept.received_at,
+            m.meter_id,
+            m.kid,
+        )
+        await self._store_part([], [reject], retry=retry)
+        return BatchResult([], 0, [reject], 0, collections.Counter())
 
     def _finish(self, batch: Batch, result: BatchResult) -> None:
         self._upstream.ack_many(batch.deliveries)
@@ -352,3 +394,20 @@ def _assemble(deliveries: list[Delivery], results: list[Accept | Reject]) -> Bat
         else:
             rejects.append(seq_conflict(result))
     return Batch(deliveries, accepts, rejects, repeats)
+
+
+def _plain(reject: Reject) -> Reject:
+    """The rejection with its text fields in plain ASCII (non-ASCII escaped)."""
+
+    def plain(text: str) -> str:
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+
+    return Reject(
+        reject.reason,
+        plain(reject.detail),
+        plain(reject.topic),
+        reject.payload,
+        reject.received_at,
+        None if reject.meter_id is None else plain(reject.meter_id),
+        None if reject.kid is None else plain(reject.kid),
+    )

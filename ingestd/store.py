@@ -386,8 +386,10 @@ class Store:
             try:
                 await self._listen_once(changed, connected)
                 log.warning("key_listener_lost")
-            except (*CONNECTION_ERRORS, asyncpg.InternalClientError) as exc:
-                log.warning("key_listener_failed", error=str(exc) or type(exc).__name__)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                # Any refusal (out of shared memory, too many connections) is the server's
+                # state, not a reason to stop the daemon: listen again after a back-off.
+                log.warning("key_listener_failed", error=_one_line(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, retry_max_s)
 
