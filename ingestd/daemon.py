@@ -74,6 +74,7 @@ class Daemon:
                 cfg.mqtt,
                 lambda delivery: pipeline.submit(delivery),  # noqa: PLW0108 - pipeline is bound below
                 on_state=self.metrics.mqtt_connected.set,
+                on_disconnect=self.metrics.mqtt_disconnects.inc,
                 state_topic=f"headend/{cfg.headend.instance}/state",
             )
             pipeline = Pipeline(

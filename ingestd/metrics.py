@@ -53,6 +53,11 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "ingestd_mqtt_connected", "1 while connected and subscribed to the broker.", registry=r
         )
+        self.mqtt_disconnects = Counter(
+            "ingestd_mqtt_disconnects",
+            "Broker connections that ended (broker restarts, network faults, timeouts).",
+            registry=r,
+        )
         self.db_up = Gauge("ingestd_db_up", "1 while the last database write succeeded.", registry=r)
         self.pending = Gauge(
             "ingestd_pending_messages",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import ssl
 import struct
@@ -78,11 +79,15 @@ class MqttLink:
         sink: Callable[[Delivery], None],
         *,
         on_state: Callable[[bool], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
         state_topic: str | None = None,
     ) -> None:
         self._config = config
         self._sink = sink
         self._on_state = on_state or (lambda _up: None)
+        self._on_disconnect = on_disconnect or (lambda: None)
+        # From the last CONNACK: the broker kept our session (subscription and queue).
+        self._session_present = False
         # Retained {"online": ...}; the broker publishes the offline one (the will) if we die.
         self._state_topic = state_topic
         self._client: aiomqtt.Client | None = None
@@ -130,19 +135,57 @@ class MqttLink:
         async with client:
             self._connection += 1
             self._client = client
+            requests: list[asyncio.Task[object]] = []
             try:
-                await client.subscribe(self._config.uplink_filter, qos=1)
-                await self.announce(online=True, within_s=self._config.keepalive_s)
+                if self._session_present:
+                    # The broker kept our session and sends its queue straight after the
+                    # CONNACK; its answer to anything we ask now (SUBACK, PUBACK) comes
+                    # behind that backlog. With intake paused at max_pending it would not
+                    # be read before a timeout ended the session, and the whole backlog
+                    # would begin again, for ever. So ask (the filter may have changed) but
+                    # do not wait: the answers arrive as the backlog is drained.
+                    requests = [
+                        asyncio.create_task(self._subscribe(client, wait=False), name="mqtt-subscribe"),
+                        asyncio.create_task(self.announce(online=True, within_s=None), name="mqtt-announce"),
+                    ]
+                else:
+                    await self._subscribe(client, wait=True)
+                    await self.announce(online=True, within_s=self._config.keepalive_s)
                 if self._paused:
                     self._set_reading(paused=True)
                 self._subscribed.set()
                 self._established = True
                 self._on_state(True)  # noqa: FBT003 - the callback's one argument
-                log.info("mqtt_subscribed", topic=self._config.uplink_filter, url=self._config.url)
+                log.info(
+                    "mqtt_subscribed",
+                    topic=self._config.uplink_filter,
+                    url=self._config.url,
+                    session_present=self._session_present,
+                )
                 await _disconnected(client)
+            except asyncio.CancelledError:
+                raise  # our shutdown, not a lost connection
+            except BaseException:
+                self._on_disconnect()
+                raise
+            else:
+                self._on_disconnect()
             finally:
+                for request in requests:
+                    request.cancel()
                 self._client = None
                 self._subscribed.clear()
+
+    async def _subscribe(self, client: aiomqtt.Client, *, wait: bool) -> None:
+        """Subscribe; ``wait``: within the client's timeout, else as long as it takes."""
+        try:
+            await client.subscribe(self._config.uplink_filter, qos=1, timeout=None if wait else math.inf)
+        except aiomqtt.MqttError:
+            if wait:
+                raise
+            # The session's own subscription still delivers; only a changed filter waits
+            # for the next connection.
+            log.warning("mqtt_subscribe_failed", topic=self._config.uplink_filter)
 
     def ack(self, delivery: Delivery) -> bool:
         """Acknowledge (PUBACK) a delivery; False when its connection is gone."""
@@ -183,14 +226,21 @@ class MqttLink:
             raise aiomqtt.MqttError("not connected")
         await client.publish(topic, payload, qos=qos, retain=retain)
 
-    async def announce(self, *, online: bool, within_s: float) -> bool:
-        """Publish the retained head-end state (QoS 1, waits for the broker's PUBACK)."""
+    async def announce(self, *, online: bool, within_s: float | None) -> bool:
+        """Publish the retained head-end state (QoS 1, waits for the broker's PUBACK, for
+        ``within_s`` seconds or, with None, as long as the connection lasts)."""
         client = self._client
         if self._state_topic is None or client is None:
             return False
         try:
             async with asyncio.timeout(within_s):
-                await client.publish(self._state_topic, _state(online=online), qos=1, retain=True)
+                await client.publish(
+                    self._state_topic,
+                    _state(online=online),
+                    qos=1,
+                    retain=True,
+                    timeout=math.inf if within_s is None else within_s,
+                )
         except (TimeoutError, aiomqtt.MqttError) as exc:
             log.warning("state_publish_failed", online=online, error=str(exc) or type(exc).__name__)
             return False
@@ -259,6 +309,15 @@ class MqttLink:
         )
         inner = _paho(client)
         inner.manual_ack_set(on=True)
+        aiomqtt_on_connect = inner.on_connect
+        assert aiomqtt_on_connect is not None, "aiomqtt sets on_connect in its constructor"
+
+        def on_connect(*args: Any) -> None:  # noqa: ANN401
+            # paho 2.x (callback API 2): (client, userdata, flags, reason_code, properties).
+            self._session_present = bool(getattr(args[2], "session_present", False))
+            aiomqtt_on_connect(*args)
+
+        inner.on_connect = on_connect
         connection = self._connection + 1
         sink = self._sink
 
