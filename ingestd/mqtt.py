@@ -39,6 +39,7 @@ from paho.mqtt.client import PUBACK
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingestd.config import MqttConfig, read_secret
 
@@ -131,7 +132,15 @@ class MqttLink:
             self._connection += 1
             self._client = client
             try:
-                await client.subscribe(self._config.uplink_filter, qos=1)
+                # Retain handling 2: no retained messages on subscribe. We subscribe again
+                # on every connection, and with the default (0) each time the broker would
+                # hand us every meter topic's retained message once more, to be quarantined
+                # again if it is garbage. A retained message is never news to us: while our
+                # session lives we got it live when it was published; before our first
+                # subscription, or after the session expired, it is a past message, which
+                # gap replay recovers from the meter's flash if it mattered.
+                options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+                await client.subscribe(self._config.uplink_filter, options=options)
                 await self.announce(online=True, within_s=self._config.keepalive_s)
                 if self._paused:
                     self._set_reading(paused=True)
