@@ -80,9 +80,12 @@ class MqttLink:
         *,
         on_state: Callable[[bool], None] | None = None,
         state_topic: str | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._config = config
         self._sink = sink
+        # Stamps received_at; the daemon's is the database's clock (ingestd.clock).
+        self._now = now
         self._on_state = on_state or (lambda _up: None)
         # Retained {"online": ...}; the broker publishes the offline one (the will) if we die.
         self._state_topic = state_topic
@@ -199,7 +202,9 @@ class MqttLink:
             return False
         try:
             async with asyncio.timeout(within_s):
-                await client.publish(self._state_topic, _state(online=online), qos=1, retain=True)
+                await client.publish(
+                    self._state_topic, _state(online=online, at=self._now()), qos=1, retain=True
+                )
         except (TimeoutError, aiomqtt.MqttError) as exc:
             log.warning("state_publish_failed", online=online, error=str(exc) or type(exc).__name__)
             return False
@@ -259,7 +264,7 @@ class MqttLink:
             username=cfg.username or None,
             password=password,
             will=(
-                aiomqtt.Will(self._state_topic, _state(online=False), qos=1, retain=True)
+                aiomqtt.Will(self._state_topic, _state(online=False, at=self._now()), qos=1, retain=True)
                 if self._state_topic
                 else None
             ),
@@ -270,6 +275,7 @@ class MqttLink:
         inner.manual_ack_set(on=True)
         connection = self._connection + 1
         sink = self._sink
+        now = self._now
 
         def on_message(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:  # noqa: ANN401
             sink(
@@ -278,13 +284,13 @@ class MqttLink:
                     payload=bytes(message.payload),
                     mid=message.mid,
                     qos=message.qos,
-                    received_at=datetime.now(UTC),
+                    received_at=now(),
                     connection=connection,
                 )
             )
 
         def on_qos1(topic: str, payload: bytes, mid: int) -> None:
-            sink(Delivery(topic, payload, mid, 1, datetime.now(UTC), connection))
+            sink(Delivery(topic, payload, mid, 1, now(), connection))
 
         inner.on_message = on_message
         _FastReceive(inner, on_qos1, lambda: self._paused).install()
@@ -308,8 +314,8 @@ class MqttLink:
             loop.call_soon(callback)
 
 
-def _state(*, online: bool) -> bytes:
-    return orjson.dumps({"online": online, "at": datetime.now(UTC).isoformat(timespec="seconds")})
+def _state(*, online: bool, at: datetime) -> bytes:
+    return orjson.dumps({"online": online, "at": at.isoformat(timespec="seconds")})
 
 
 class _FastReceive:
