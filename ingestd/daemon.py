@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from ingestd.clock import DbClock
 from ingestd.config import Config
 from ingestd.errors import UsageError
 from ingestd.gaps import GapRequester, headend_signer
@@ -43,7 +44,11 @@ class Daemon:
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics()
-        self._now = now
+        # ``now`` is the host's clock, and the daemon does not go by it: a clock that jumps
+        # must not stamp anything. It goes by the database's (ingestd.clock), and only
+        # compares the host's with it (a test passes a host clock that jumps).
+        self.clock = DbClock(host=now, metrics=self.metrics)
+        self._now = self.clock.now
         self.should_exit = asyncio.Event()
         self.ready = asyncio.Event()
         self.metrics_port: int | None = None
@@ -57,7 +62,10 @@ class Daemon:
         cfg = self.config
         signer = headend_signer(cfg.headend)
         async with Store(
-            cfg.database, quarantine_payload_max=cfg.ingest.quarantine_payload_max, gaps=cfg.gaps
+            cfg.database,
+            quarantine_payload_max=cfg.ingest.quarantine_payload_max,
+            gaps=cfg.gaps,
+            now=self._now,
         ) as store:
             pending = await store.pending_migrations()
             if pending:
@@ -66,6 +74,7 @@ class Daemon:
                     "run 'ingestd migrate'"
                 )
             self.metrics.db_up.set(1)  # reached, and the schema is current
+            await self.clock.sync(store)
             keyring = Keyring(store)
             await keyring.load_all()
             self.metrics.keys_loaded.set(len(keyring))
@@ -76,6 +85,7 @@ class Daemon:
                 on_state=self.metrics.mqtt_connected.set,
                 on_disconnect=self.metrics.mqtt_disconnects.inc,
                 state_topic=f"headend/{cfg.headend.instance}/state",
+                now=self._now,
             )
             pipeline = Pipeline(
                 cfg.ingest,
@@ -112,6 +122,7 @@ class Daemon:
                         tg.create_task(requester.run(), name="gaps"),
                         tg.create_task(health.run(), name="health"),
                         tg.create_task(retention.run(), name="quarantine-retention"),
+                        tg.create_task(self.clock.run(store), name="clock"),
                     ]
                     notifier.status("connecting to the broker")
                     # A stop asked for while the broker is still out of reach is honoured

@@ -137,6 +137,11 @@ class Metrics:
             "Age of the oldest gap not yet filled or lost (0 when there is none).",
             registry=r,
         )
+        self.clock_offset = Gauge(
+            "ingestd_clock_offset_seconds",
+            "The host's clock minus the database's, which the daemon goes by (ingestd.clock).",
+            registry=r,
+        )
         for reason in REJECT_REASONS:
             # Present from the start at 0, so that rate() and alerts work before the first one.
             self.rejected.labels(reason=reason)

@@ -40,6 +40,7 @@ from paho.mqtt.client import PUBACK
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingestd.config import MqttConfig, read_secret
 
@@ -81,9 +82,12 @@ class MqttLink:
         on_state: Callable[[bool], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         state_topic: str | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._config = config
         self._sink = sink
+        # Stamps received_at; the daemon's is the database's clock (ingestd.clock).
+        self._now = now
         self._on_state = on_state or (lambda _up: None)
         self._on_disconnect = on_disconnect or (lambda: None)
         # From the last CONNACK: the broker kept our session (subscription and queue).
@@ -178,8 +182,18 @@ class MqttLink:
 
     async def _subscribe(self, client: aiomqtt.Client, *, wait: bool) -> None:
         """Subscribe; ``wait``: within the client's timeout, else as long as it takes."""
+        # Retain handling 2: no retained messages on subscribe. We subscribe again on every
+        # connection, and with the default (0) each time the broker would hand us every
+        # meter topic's retained message once more, to be quarantined again if it is
+        # garbage. A retained message is never news to us: while our session lives we got
+        # it live when it was published; before our first subscription, or after the
+        # session expired, it is a past message, which gap replay recovers from the
+        # meter's flash if it mattered.
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
         try:
-            await client.subscribe(self._config.uplink_filter, qos=1, timeout=None if wait else math.inf)
+            await client.subscribe(
+                self._config.uplink_filter, options=options, timeout=None if wait else math.inf
+            )
         except aiomqtt.MqttError:
             if wait:
                 raise
@@ -236,7 +250,7 @@ class MqttLink:
             async with asyncio.timeout(within_s):
                 await client.publish(
                     self._state_topic,
-                    _state(online=online),
+                    _state(online=online, at=self._now()),
                     qos=1,
                     retain=True,
                     timeout=math.inf if within_s is None else within_s,
@@ -300,7 +314,7 @@ class MqttLink:
             username=cfg.username or None,
             password=password,
             will=(
-                aiomqtt.Will(self._state_topic, _state(online=False), qos=1, retain=True)
+                aiomqtt.Will(self._state_topic, _state(online=False, at=self._now()), qos=1, retain=True)
                 if self._state_topic
                 else None
             ),
@@ -320,6 +334,7 @@ class MqttLink:
         inner.on_connect = on_connect
         connection = self._connection + 1
         sink = self._sink
+        now = self._now
 
         def on_message(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:  # noqa: ANN401
             sink(
@@ -328,13 +343,13 @@ class MqttLink:
                     payload=bytes(message.payload),
                     mid=message.mid,
                     qos=message.qos,
-                    received_at=datetime.now(UTC),
+                    received_at=now(),
                     connection=connection,
                 )
             )
 
         def on_qos1(topic: str, payload: bytes, mid: int) -> None:
-            sink(Delivery(topic, payload, mid, 1, datetime.now(UTC), connection))
+            sink(Delivery(topic, payload, mid, 1, now(), connection))
 
         inner.on_message = on_message
         _FastReceive(inner, on_qos1, lambda: self._paused).install()
@@ -358,8 +373,8 @@ class MqttLink:
             loop.call_soon(callback)
 
 
-def _state(*, online: bool) -> bytes:
-    return orjson.dumps({"online": online, "at": datetime.now(UTC).isoformat(timespec="seconds")})
+def _state(*, online: bool, at: datetime) -> bytes:
+    return orjson.dumps({"online": online, "at": at.isoformat(timespec="seconds")})
 
 
 class _FastReceive:

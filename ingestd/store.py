@@ -155,10 +155,14 @@ class Store:
         *,
         quarantine_payload_max: int = 4096,
         gaps: GapsConfig | None = None,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self._config = config
         self._quarantine_max = quarantine_payload_max
         self._gaps = gaps or GapsConfig()
+        # The daemon passes its clock (the database's: ingestd.clock), so that gaps are not
+        # stamped by a host clock that jumped.
+        self._now = now or utcnow
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
 
     async def __aenter__(self) -> Self:
@@ -421,7 +425,7 @@ class Store:
         ``accepts`` must hold each (meter, epoch, seq) once; the caller resolves repeats
         within a batch, since only it sees the order of arrival.
         """
-        now = now or utcnow()
+        now = now or self._now()
         async with self.connection() as conn, conn.transaction():
             new, ours, duplicates, conflicts = await self._claim_seqs(conn, accepts, retry=retry)
             readings, events = await self._insert_data(conn, new)

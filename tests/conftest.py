@@ -92,7 +92,8 @@ async def running_daemon(
     config: Config, *, now: Callable[[], datetime] | None = None
 ) -> AsyncIterator[Daemon]:
     """A daemon in this event loop, ready (subscribed) on entry, shut down cleanly on exit;
-    ``now`` replaces its clock (not the broker's or the database's)."""
+    ``now`` replaces the host's clock, which the daemon only compares with the database's
+    (it goes by that one: ingestd.clock)."""
     daemon = Daemon(config) if now is None else Daemon(config, now=now)
     task = asyncio.create_task(daemon.run(), name="daemon")
     ready = asyncio.create_task(daemon.ready.wait())

@@ -43,6 +43,7 @@ ALERTS = {
     "IngestdSignatureFailures",
     "IngestdRejectionsRising",
     "IngestdVerifyWorkerRestarts",
+    "IngestdClockOffset",
 }
 
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import aiomqtt
 import pytest
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -73,6 +74,17 @@ async def running(link: MqttLink) -> AsyncIterator[asyncio.Task[None]]:
 
 async def send(broker: MosquittoServer, *messages: tuple[str, bytes]) -> None:
     await publish(broker.host, broker.port, messages)
+
+
+async def send_retained(broker: MosquittoServer, topic: str, payload: bytes) -> None:
+    """Publish a retained message as a meter would (the broker keeps it for subscribers)."""
+    async with aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=f"test-retain-{uuid.uuid4().hex[:8]}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+    ) as client:
+        await client.publish(topic, payload, qos=1, retain=True)
 
 
 async def uplinks(broker: MosquittoServer, count: int, tag: str = "m") -> list[bytes]:
@@ -298,3 +310,26 @@ async def test_on_state_reports_subscribe_and_disconnect(broker: MosquittoServer
         assert link.connected
         # While the broker was down, every failed attempt reported False again.
         assert set(states[1:-1]) == {False}
+
+
+async def test_a_retained_uplink_is_not_delivered_again_on_each_subscribe(
+    broker: MosquittoServer, client_id: str
+) -> None:
+    # Retained garbage on a meter's uplink: a meter's firmware bug, or someone with its
+    # credentials. Delivered once, live, and acknowledged (quarantined, in the daemon).
+    recorder = Recorder()
+    link = MqttLink(mqtt_config(broker, client_id), recorder)
+    async with running(link):
+        await send_retained(broker, UP, b"retained garbage")
+        (live,) = await recorder.wait_count(1)
+        assert live.payload == b"retained garbage"
+        assert link.ack(live) is True
+        # Every connection subscribes again; the broker must not hand it over again.
+        await reconnect(link)
+        await reconnect(link)
+        await assert_nothing_redelivered(broker, recorder, since=1)
+    # Nor to a new session (a new client id: first start, or the session expired): what
+    # was published before it existed is the past, for gap replay to recover.
+    fresh = Recorder()
+    async with running(MqttLink(mqtt_config(broker, f"{client_id}-new"), fresh)):
+        await assert_nothing_redelivered(broker, fresh, since=0)

@@ -21,8 +21,8 @@ from ingestd.store import Reject, Store
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
-def reject(age: timedelta, n: int) -> Reject:
-    return Reject("bad_json", "not JSON", f"meters/M-{n}/up", b"{", NOW - age, f"M-{n}", None)
+def reject(age: timedelta, n: int, *, now: datetime = NOW) -> Reject:
+    return Reject("bad_json", "not JSON", f"meters/M-{n}/up", b"{", now - age, f"M-{n}", None)
 
 
 async def quarantined(db: asyncpg.Connection[asyncpg.Record]) -> list[str]:
@@ -72,9 +72,13 @@ async def test_zero_keeps_everything(
 async def test_the_daemon_prunes_at_start(
     config: Config, store: Store, db: asyncpg.Connection[asyncpg.Record]
 ) -> None:
-    await store.write_batch([], [reject(timedelta(days=10), 1), reject(timedelta(days=1), 2)])
+    # The daemon goes by the database's clock, not by one a test could set.
+    now = datetime.now(UTC)
+    await store.write_batch(
+        [], [reject(timedelta(days=10), 1, now=now), reject(timedelta(days=1), 2, now=now)]
+    )
     config = with_ingest(config, quarantine_retention_days=7)
-    async with running_daemon(config, now=lambda: NOW) as daemon:
+    async with running_daemon(config) as daemon:
         registry = daemon.metrics.registry
         await wait_until(
             lambda: metric(registry, "ingestd_quarantine_pruned_total") == 1,
