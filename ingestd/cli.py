@@ -22,6 +22,7 @@ import structlog
 from ingestd.config import Config, load_config
 from ingestd.envelope import KID, METER_ID, parse_time
 from ingestd.errors import IngestdError, KeyFileError, ServiceUnavailable, UsageError
+from ingestd.files import KEY_FILE_MAX, read_bounded
 from ingestd.logs import configure_logging
 from ingestd.signature import (
     ALGS,
@@ -202,7 +203,7 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
             raise UsageError("--valid-until must be later than --valid-from")
         if not KID.fullmatch(args.kid):
             raise UsageError(f"--kid {args.kid!r} must be 1-128 printable ASCII characters, no spaces")
-        pem = _read_file(args.key, "--key")
+        pem = read_bounded(args.key, "--key", KEY_FILE_MAX)
         try:
             load_public_key(pem, args.alg)
         except KeyFileError as exc:
@@ -313,6 +314,9 @@ def _cmd_keygen(_config: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UsageError(f"--out {out}: file exists (use --force to overwrite)")
+    if out.exists() and not out.is_file():
+        # Opening a FIFO for writing would hang, and a device is no place for a key.
+        raise UsageError(f"--out {out}: not a regular file")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
     key = generate_private_key(args.alg)
@@ -367,15 +371,6 @@ _HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "simulate": _cmd_simulate,
     "status": _cmd_status,
 }
-
-
-def _read_file(path: str, option: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{option} {path}: no such file") from None
-    except OSError as exc:
-        raise KeyFileError(f"{option} {path}: {exc.strerror}") from None
 
 
 def _timestamp(text: str) -> datetime:
