@@ -11,6 +11,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Final, Self
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
@@ -19,6 +20,8 @@ from prometheus_client.registry import Collector
 from ingestd.config import parse_host_port
 from ingestd.errors import REJECT_REASONS, ConfigError
 from ingestd.events import TAMPER_CODES, is_tamper, metric_code
+
+log = structlog.get_logger("ingestd.metrics")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 _WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -244,17 +247,21 @@ class MetricsServer:
             waiting.transport.abort()
         self._connections[writer] = True
         try:
-            async with asyncio.timeout(self._timeout):
-                head = await reader.readuntil(b"\r\n\r\n")
-            self._connections[writer] = False
-            status, headers, body = await self._answer(head)
-            writer.write(_response(status, headers, body))
+            try:
+                async with asyncio.timeout(self._timeout):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.LimitOverrunError:
+                response = _response(431, (), b"431 request head too large\n")
+            else:
+                self._connections[writer] = False
+                response = _response(*await self._answer(head))
+            writer.write(response)
+            # Until the peer has taken all of it: a client that stops reading must not
+            # keep the connection (and what is buffered for it) after the slot is freed.
             async with asyncio.timeout(self._timeout):
                 await writer.drain()
-            writer.close()
-        except asyncio.LimitOverrunError:
-            writer.write(_response(431, (), b"request head too large\n"))
-            writer.close()
+                writer.close()
+                await writer.wait_closed()
         except (TimeoutError, asyncio.IncompleteReadError, OSError):
             # A client that is too slow, or gone: nothing to tell it.
             writer.transport.abort()
@@ -269,9 +276,14 @@ class MetricsServer:
             return 405, (("Allow", "GET"),), b"405 only GET\n"
         if request.path != "/metrics":
             return 404, (), b"404 the metrics are at /metrics\n"
-        # Rendered in a thread: at 10,000 per-meter series it takes tens of milliseconds,
-        # too long to hold the event loop (see the README's metrics section).
-        return await asyncio.to_thread(render, self._metrics.registry, request.headers)
+        # Rendered in a thread: at 10,000 per-meter series it takes 60-150 ms (OpenMetrics
+        # four times that), too long to hold the event loop (the README's metrics section).
+        try:
+            return await asyncio.to_thread(render, self._metrics.registry, request.headers)
+        except Exception:
+            # A collector that fails is a bug of ours; the scrape says so, the daemon goes on.
+            log.exception("metrics_render_failed")
+            return 500, (), b"500 rendering the metrics failed; see the log\n"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,11 @@ import gzip
 import socket
 import threading
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 from helpers import wait_until
 from ingestd.errors import ConfigError
@@ -176,3 +178,20 @@ async def test_a_port_in_use_is_one_line_naming_the_setting() -> None:
 async def test_an_empty_address_serves_nothing() -> None:
     async with MetricsServer(Metrics(), "") as server:
         assert server.port is None
+
+
+class _Broken(Collector):
+    def collect(self) -> Iterator[Metric]:
+        raise RuntimeError("a collector bug")
+
+
+async def test_a_failing_collector_gives_500_and_the_endpoint_goes_on() -> None:
+    metrics = Metrics()
+    broken = _Broken()
+    metrics.registry.register(broken)
+    async with MetricsServer(metrics, "127.0.0.1:0") as server:
+        status, _, _ = await exchange(port_of(server), GET)
+        assert status == 500
+        metrics.registry.unregister(broken)
+        status, _, _ = await exchange(port_of(server), GET)
+        assert status == 200
