@@ -21,7 +21,7 @@ import structlog
 
 from ingestd.config import Config, load_config
 from ingestd.envelope import KID, METER_ID, parse_time
-from ingestd.errors import IngestdError, KeyFileError, ServiceUnavailable, UsageError
+from ingestd.errors import IngestdError, KeyFileError, UsageError
 from ingestd.files import KEY_FILE_MAX, read_bounded
 from ingestd.logs import configure_logging
 from ingestd.signature import (
@@ -32,7 +32,7 @@ from ingestd.signature import (
     public_key_pem,
 )
 from ingestd.simulator import add_arguments
-from ingestd.store import Store
+from ingestd.store import Store, database_error
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -147,14 +147,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(config.log)
         handler = _HANDLERS[args.command]
         return handler(config, args)
-    except UsageError as exc:
-        print(f"ingestd: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ServiceUnavailable as exc:
-        print(f"ingestd: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        error = _reported(exc)
+        if error is None:
+            raise  # a bug: its traceback is what is wanted
+        if isinstance(error, UsageError):
+            print(f"ingestd: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"ingestd: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _reported(exc: Exception) -> IngestdError | None:
+    """What to report in one line: an error of ours, or a database error said as one;
+    None for anything else."""
+    # A task group (the daemon's, a command's) raises every failure at once; the first
+    # is the cause, the others (if any) its consequences.
+    while isinstance(exc, ExceptionGroup):
+        exc = exc.exceptions[0]
+    if isinstance(exc, IngestdError):
+        return exc
+    return database_error(exc)
 
 
 def _run_async(coro: Callable[[], Awaitable[int]]) -> int:
@@ -184,11 +199,7 @@ def _cmd_run(config: Config, _args: argparse.Namespace) -> int:
     async def go() -> int:
         daemon = Daemon(config)
         install_signal_handlers(daemon)
-        try:
-            await daemon.run()
-        except* IngestdError as group:
-            # Re-raise the first as itself, so main() reports it as one line.
-            raise group.exceptions[0] from None
+        await daemon.run()
         return EXIT_OK
 
     return _run_async(go)

@@ -8,14 +8,16 @@ real database where one is involved.
 from __future__ import annotations
 
 import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from test_cli import EXIT_FAILURE, EXIT_USAGE, assert_one_line_error, cli_env, es256_pem, ingestd
 
-from services import free_port
+from services import PostgresServer, free_port
 
 # Generous for a subprocess on a loaded machine; reading /dev/zero whole takes minutes
 # (and all the memory there is), a FIFO without a writer for ever.
@@ -106,3 +108,93 @@ def test_a_key_file_at_the_cap_is_read_and_judged_as_a_key(tmp_path: Path) -> No
     proc = ingestd(*_meter_add(str(key)), env=cli_env(unreachable_db()))
     # The key is fine (trailing newlines are allowed): the failure is the database's.
     assert_one_line_error(proc, EXIT_FAILURE, "database unreachable")
+
+
+# -- database errors --------------------------------------------------------------------
+
+COMMANDS: dict[str, list[str]] = {
+    "status": ["status"],
+    "run": ["run"],
+    "meter list": ["meter", "list"],
+    "meter revoke-key": ["meter", "revoke-key", "k1"],
+    "gaps": ["gaps"],
+    "gaps request": ["gaps", "request", "--meter", "M-1"],
+    "migrate": ["migrate"],
+}
+
+
+def _as_role(url: str, role: str) -> str:
+    return url.replace(f"//{url.split('//', 1)[1].split('@', 1)[0]}@", f"//{role}@", 1)
+
+
+def _role_without_privileges(pg: PostgresServer) -> str:
+    role = f"nopriv_{uuid.uuid4().hex[:8]}"
+    pg.psql(f"CREATE ROLE {role} LOGIN")
+    return role
+
+
+def _database_unreachable(_pg: PostgresServer, _url: str) -> str:
+    return unreachable_db()
+
+
+def _no_such_database(pg: PostgresServer, _url: str) -> str:
+    return pg.dsn(f"missing_{uuid.uuid4().hex[:12]}")
+
+
+def _no_connect_privilege(pg: PostgresServer, url: str) -> str:
+    dbname = url.rsplit("/", 1)[1]
+    pg.psql(f"REVOKE CONNECT ON DATABASE {dbname} FROM PUBLIC")
+    return _as_role(url, _role_without_privileges(pg))
+
+
+def _no_table_privilege(pg: PostgresServer, url: str) -> str:
+    return _as_role(url, _role_without_privileges(pg))
+
+
+def _not_migrated(pg: PostgresServer, _url: str) -> str:
+    return pg.create_database(f"empty_{uuid.uuid4().hex[:12]}")
+
+
+# How to break it (from the server and a migrated database's URL, give the URL to use),
+# the exit status, and text the error line must contain.
+DatabaseCase = tuple[Callable[[PostgresServer, str], str], int, tuple[str, ...]]
+DATABASE_CASES: dict[str, DatabaseCase] = {
+    "unreachable": (_database_unreachable, EXIT_FAILURE, ("database unreachable",)),
+    "no such database": (_no_such_database, EXIT_USAGE, ("database.url", "does not exist")),
+    "no CONNECT privilege": (_no_connect_privilege, EXIT_USAGE, ("database.url", "permission denied")),
+    "no table privilege": (_no_table_privilege, EXIT_USAGE, ("database.url", "permission denied")),
+    "schema not migrated": (_not_migrated, EXIT_USAGE, ("schema is not current", "ingestd migrate")),
+}
+
+
+@pytest.mark.parametrize(
+    ("command", "case"),
+    [
+        pytest.param(command, case, id=f"{command}-{case}")
+        for command in COMMANDS
+        for case in DATABASE_CASES
+        # migrate on an empty database is what migrate is for.
+        if (command, case) != ("migrate", "schema not migrated")
+    ],
+)
+def test_a_database_error_is_one_line(
+    command: str, case: str, pg_server: PostgresServer, db_url: str
+) -> None:
+    make_url, status, needles = DATABASE_CASES[case]
+    url = make_url(pg_server, db_url)
+    # A port of its own: the default one may be taken on a developer's machine.
+    proc = ingestd(*COMMANDS[command], env=cli_env(url, INGESTD_METRICS_ADDR="127.0.0.1:0"))
+    assert_one_line_error(proc, status, *needles)
+    assert proc.stdout == ""
+
+
+# -- the metrics port -------------------------------------------------------------------
+
+
+def test_run_with_the_metrics_port_in_use_is_one_line(db_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = ingestd("run", env=cli_env(db_url, INGESTD_METRICS_ADDR=addr))
+    assert_one_line_error(proc, EXIT_USAGE, "metrics.addr", addr, "in use")
