@@ -21,7 +21,8 @@ import structlog
 
 from ingestd.config import Config, load_config
 from ingestd.envelope import KID, METER_ID, parse_time
-from ingestd.errors import IngestdError, KeyFileError, ServiceUnavailable, UsageError
+from ingestd.errors import IngestdError, KeyFileError, UsageError
+from ingestd.files import KEY_FILE_MAX, read_bounded
 from ingestd.logs import configure_logging
 from ingestd.signature import (
     ALGS,
@@ -31,7 +32,7 @@ from ingestd.signature import (
     public_key_pem,
 )
 from ingestd.simulator import add_arguments
-from ingestd.store import Store
+from ingestd.store import Store, database_error
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -146,14 +147,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(config.log)
         handler = _HANDLERS[args.command]
         return handler(config, args)
-    except UsageError as exc:
-        print(f"ingestd: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ServiceUnavailable as exc:
-        print(f"ingestd: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        error = _reported(exc)
+        if error is None:
+            raise  # a bug: its traceback is what is wanted
+        if isinstance(error, UsageError):
+            print(f"ingestd: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"ingestd: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _reported(exc: Exception) -> IngestdError | None:
+    """What to report in one line: an error of ours, or a database error said as one;
+    None for anything else."""
+    # A task group (the daemon's, a command's) raises every failure at once; the first
+    # is the cause, the others (if any) its consequences.
+    while isinstance(exc, ExceptionGroup):
+        exc = exc.exceptions[0]
+    if isinstance(exc, IngestdError):
+        return exc
+    return database_error(exc)
 
 
 def _run_async(coro: Callable[[], Awaitable[int]]) -> int:
@@ -183,11 +199,7 @@ def _cmd_run(config: Config, _args: argparse.Namespace) -> int:
     async def go() -> int:
         daemon = Daemon(config)
         install_signal_handlers(daemon)
-        try:
-            await daemon.run()
-        except* IngestdError as group:
-            # Re-raise the first as itself, so main() reports it as one line.
-            raise group.exceptions[0] from None
+        await daemon.run()
         return EXIT_OK
 
     return _run_async(go)
@@ -202,7 +214,7 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
             raise UsageError("--valid-until must be later than --valid-from")
         if not KID.fullmatch(args.kid):
             raise UsageError(f"--kid {args.kid!r} must be 1-128 printable ASCII characters, no spaces")
-        pem = _read_file(args.key, "--key")
+        pem = read_bounded(args.key, "--key", KEY_FILE_MAX)
         try:
             load_public_key(pem, args.alg)
         except KeyFileError as exc:
@@ -313,6 +325,9 @@ def _cmd_keygen(_config: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UsageError(f"--out {out}: file exists (use --force to overwrite)")
+    if out.exists() and not out.is_file():
+        # Opening a FIFO for writing would hang, and a device is no place for a key.
+        raise UsageError(f"--out {out}: not a regular file")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
     key = generate_private_key(args.alg)
@@ -367,15 +382,6 @@ _HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "simulate": _cmd_simulate,
     "status": _cmd_status,
 }
-
-
-def _read_file(path: str, option: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{option} {path}: no such file") from None
-    except OSError as exc:
-        raise KeyFileError(f"{option} {path}: {exc.strerror}") from None
 
 
 def _timestamp(text: str) -> datetime:

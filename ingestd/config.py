@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ingestd.errors import ConfigError
+from ingestd.files import CONFIG_FILE_MAX, SECRET_FILE_MAX, read_bounded
 
 ENV_PREFIX = "INGESTD_"
 CONFIG_ENV = "INGESTD_CONFIG"
@@ -246,12 +247,11 @@ def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | 
     raw: dict[str, Any] = {}
     source = path if path is not None else env.get(CONFIG_ENV)
     if source:
+        data = read_bounded(source, "config", CONFIG_FILE_MAX)
         try:
-            raw = tomllib.loads(Path(source).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("config", f"file not found: {source}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("config", f"cannot read {source}: {exc}") from None
+            raw = tomllib.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError("config", f"{source} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{source} is not valid TOML: {exc}") from None
     sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -287,9 +287,9 @@ def parse_host_port(key: str, value: str) -> tuple[str, int]:
 def read_secret(key: str, path: str) -> str:
     """A secret from a file (systemd credentials, Kubernetes secrets), trailing newline cut."""
     try:
-        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+        return read_bounded(path, key, SECRET_FILE_MAX).decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path}: not UTF-8 text") from None
 
 
 def _section_class(section: dataclasses.Field[Any]) -> type[Any]:

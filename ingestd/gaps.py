@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -25,6 +24,7 @@ import structlog
 
 from ingestd.envelope import format_time
 from ingestd.errors import ConfigError, KeyFileError
+from ingestd.files import KEY_FILE_MAX, read_bounded
 from ingestd.signature import Signer, alg_for_key, load_private_key
 
 if TYPE_CHECKING:
@@ -318,10 +318,7 @@ def headend_signer(config: HeadendConfig) -> Signer | None:
     """The head-end's signer for replay requests, or None when no key is configured."""
     if not config.key_file:
         return None
-    try:
-        pem = Path(config.key_file).read_bytes()
-    except OSError as exc:
-        raise ConfigError("headend.key_file", f"cannot read {config.key_file}: {exc.strerror}") from None
+    pem = read_bounded(config.key_file, "headend.key_file", KEY_FILE_MAX)
     try:
         key = load_private_key(pem)
     except KeyFileError as exc:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Mapping
+import asyncio
+import gzip
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
 from types import TracebackType
-from typing import Self
-from wsgiref.simple_server import WSGIServer
+from typing import Final, Self
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ingestd.config import parse_host_port
-from ingestd.errors import REJECT_REASONS
+from ingestd.errors import REJECT_REASONS, ConfigError
 from ingestd.events import TAMPER_CODES, is_tamper, metric_code
+
+log = structlog.get_logger("ingestd.metrics")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 _WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -176,28 +183,168 @@ class LastSeenCollector(Collector):
 
 
 class MetricsServer:
-    """The HTTP endpoint, as an async context manager (prometheus_client serves from a thread)."""
+    """The HTTP endpoint, served from the event loop, as an async context manager.
 
-    def __init__(self, metrics: Metrics, addr: str) -> None:
+    prometheus_client's own server gives every connection a thread and never times one
+    out, so idle connections pile up threads without bound. This one is a deliberately
+    small HTTP/1.0-1.1 server: one ``GET /metrics`` per connection, then close. A
+    connection gets ``request_timeout_s`` to send its request head (at most
+    ``HEAD_MAX`` bytes) and as long again to take the answer; at most
+    ``max_connections`` are open at once, and a new one pushes out the oldest that has
+    not sent its request yet, so that idle or slow clients cannot keep a real scrape
+    out.
+    """
+
+    HEAD_MAX: Final = 8 * 1024
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        addr: str,
+        *,
+        max_connections: int = 32,
+        request_timeout_s: float = 5.0,
+    ) -> None:
         self._metrics = metrics
         self._addr = addr
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._max_connections = max_connections
+        self._timeout = request_timeout_s
+        self._server: asyncio.Server | None = None
+        # Open connections, oldest first; the value says whether its request head is
+        # still awaited (only those may be pushed out).
+        self._connections: dict[asyncio.StreamWriter, bool] = {}
 
     @property
     def port(self) -> int | None:
-        return self._server.server_port if self._server is not None else None
+        if self._server is None or not self._server.sockets:
+            return None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
 
     async def __aenter__(self) -> Self:
         if self._addr:
             host, port = parse_host_port("metrics.addr", self._addr)
-            self._server, self._thread = start_http_server(port, addr=host, registry=self._metrics.registry)
+            try:
+                self._server = await asyncio.start_server(self._serve, host, port, limit=self.HEAD_MAX)
+            except OSError as exc:
+                # asyncio's message repeats the address in a sentence of its own.
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ConfigError("metrics.addr", f"cannot listen on {self._addr}: {reason}") from None
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
+            for writer in list(self._connections):
+                writer.transport.abort()
+            await self._server.wait_closed()
             self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self._max_connections:
+            waiting = next((w for w, head_awaited in self._connections.items() if head_awaited), None)
+            if waiting is None:
+                # Every slot is answering a request: this one waits for the next scrape.
+                writer.transport.abort()
+                return
+            del self._connections[waiting]
+            waiting.transport.abort()
+        self._connections[writer] = True
+        try:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.LimitOverrunError:
+                response = _response(431, (), b"431 request head too large\n")
+            else:
+                self._connections[writer] = False
+                response = _response(*await self._answer(head))
+            writer.write(response)
+            # Until the peer has taken all of it: a client that stops reading must not
+            # keep the connection (and what is buffered for it) after the slot is freed.
+            async with asyncio.timeout(self._timeout):
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except (TimeoutError, asyncio.IncompleteReadError, OSError):
+            # A client that is too slow, or gone: nothing to tell it.
+            writer.transport.abort()
+        finally:
+            self._connections.pop(writer, None)
+
+    async def _answer(self, head: bytes) -> tuple[int, Sequence[tuple[str, str]], bytes]:
+        request = parse_request_head(head)
+        if isinstance(request, int):
+            return request, (), f"{request} {HTTPStatus(request).phrase}\n".encode()
+        if request.method != "GET":
+            return 405, (("Allow", "GET"),), b"405 only GET\n"
+        if request.path != "/metrics":
+            return 404, (), b"404 the metrics are at /metrics\n"
+        # Rendered in a thread: at 10,000 per-meter series it takes 60-150 ms (OpenMetrics
+        # four times that), too long to hold the event loop (the README's metrics section).
+        try:
+            return await asyncio.to_thread(render, self._metrics.registry, request.headers)
+        except Exception:
+            # A collector that fails is a bug of ours; the scrape says so, the daemon goes on.
+            log.exception("metrics_render_failed")
+            return 500, (), b"500 rendering the metrics failed; see the log\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    headers: Mapping[str, str]
+
+
+def parse_request_head(head: bytes) -> Request | int:
+    """A request line and headers, or the status code saying why they are not one."""
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        return 400
+    request_line, *lines = text.removesuffix("\r\n\r\n").split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
+        return 400
+    method, target, version = parts
+    if version not in {"HTTP/1.0", "HTTP/1.1"}:
+        return 505 if version.startswith("HTTP/") else 400
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        # No folded lines, no white space before the colon (RFC 9112 section 5).
+        if not colon or not name or name != name.strip() or " " in name:
+            return 400
+        headers[name.lower()] = value.strip()
+    return Request(method, target.partition("?")[0], headers)
+
+
+def render(
+    registry: CollectorRegistry, headers: Mapping[str, str]
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The exposition, in the format the client asked for (text or OpenMetrics), gzipped
+    when it accepts gzip, as prometheus_client's own server answers."""
+    encoder, content_type = choose_encoder(headers.get("accept", ""))
+    body = encoder(registry)
+    extra = [("Content-Type", content_type)]
+    encodings = {e.split(";")[0].strip().lower() for e in headers.get("accept-encoding", "").split(",")}
+    if "gzip" in encodings:
+        body = gzip.compress(body, compresslevel=6)
+        extra.append(("Content-Encoding", "gzip"))
+    return 200, extra, body
+
+
+def _response(status: int, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    if not any(name == "Content-Type" for name, _ in headers):
+        lines.append("Content-Type: text/plain; charset=utf-8")
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("ascii") + body

@@ -25,7 +25,7 @@ import structlog
 
 from ingestd.config import DatabaseConfig, GapsConfig, read_secret
 from ingestd.envelope import Message, MeterKey
-from ingestd.errors import RejectReason, ServiceUnavailable, UsageError
+from ingestd.errors import IngestdError, RejectReason, ServiceUnavailable, UsageError
 from ingestd.gaps import GapCounts, seen_from, track_seqs
 from ingestd.signature import Alg, is_alg, load_public_key
 
@@ -174,12 +174,12 @@ class Store:
                 command_timeout=self._config.command_timeout_s,
                 init=_init_connection,
             )
+        except asyncpg.PostgresError as exc:
+            # A refusal (no such database, role or password, no CONNECT privilege) is the
+            # operator's to fix; the server starting up or shutting down is not.
+            raise (database_error(exc) or ServiceUnavailable(_one_line(exc))) from exc
         except CONNECTION_ERRORS as exc:
             raise ServiceUnavailable(f"database unreachable: {_one_line(exc)}") from exc
-        except asyncpg.InvalidCatalogNameError as exc:
-            raise UsageError(f"database.url: {_one_line(exc)}") from exc
-        except asyncpg.InvalidAuthorizationSpecificationError as exc:
-            raise UsageError(f"database.url: {_one_line(exc)}") from exc
         return self
 
     async def __aexit__(
@@ -621,3 +621,37 @@ def _clean_text(text: str) -> str:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+_SCHEMA_MISSING: Final = (
+    asyncpg.UndefinedTableError,
+    asyncpg.UndefinedColumnError,
+    asyncpg.UndefinedFunctionError,
+    asyncpg.UndefinedObjectError,
+)
+_UNREACHABLE: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+def database_error(exc: BaseException) -> IngestdError | None:
+    """An error from asyncpg as the operator should read it, in one line: whose fault
+    (a UsageError for what the operator can fix, else ServiceUnavailable), or None when
+    ``exc`` did not come from the database."""
+    if isinstance(exc, _SCHEMA_MISSING):
+        return UsageError(f"database schema is not current ({_one_line(exc)}): run 'ingestd migrate'")
+    if isinstance(exc, asyncpg.InvalidCatalogNameError | asyncpg.InvalidAuthorizationSpecificationError):
+        return UsageError(f"database.url: {_one_line(exc)}")
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return UsageError(f"database.url: the role lacks a privilege: {_one_line(exc)}")
+    if isinstance(exc, _UNREACHABLE):
+        return ServiceUnavailable(f"database unreachable: {_one_line(exc)}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return ServiceUnavailable(f"database error: {_one_line(exc)}")
+    return None

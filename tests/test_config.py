@@ -388,7 +388,7 @@ def test_missing_file(tmp_path: Path) -> None:
     exc = config_error(missing)
     assert exc.key == "config"
     assert str(missing) in str(exc)
-    assert "not found" in str(exc)
+    assert "no such file" in str(exc)
 
 
 def test_missing_file_named_by_ingestd_config(tmp_path: Path) -> None:
