@@ -75,9 +75,9 @@ class Daemon:
                 )
             self.metrics.db_up.set(1)  # reached, and the schema is current
             await self.clock.sync(store)
+            # Empty at start: keys are loaded as meters speak (ingestd.keyring).
             keyring = Keyring(store)
-            await keyring.load_all()
-            self.metrics.keys_loaded.set(len(keyring))
+            self.metrics.keys_loaded.set_function(keyring.__len__)
             # The link hands deliveries to the pipeline, which acknowledges through the link.
             link = MqttLink(
                 cfg.mqtt,
@@ -139,7 +139,7 @@ class Daemon:
                         # systemd watches from READY=1 on; the pings come from this loop.
                         tasks.append(tg.create_task(notifier.run_watchdog(), name="watchdog"))
                         tasks.append(tg.create_task(notifier.keep_status(describe), name="status"))
-                        log.info("ingestd_ready", metrics_port=self.metrics_port, keys=len(keyring))
+                        log.info("ingestd_ready", metrics_port=self.metrics_port)
                         await self.should_exit.wait()
                     notifier.stopping(f"shutting down; draining {pipeline.in_hand}")
                     log.info("shutdown_started", in_hand=pipeline.in_hand)

@@ -52,6 +52,15 @@ CONNECTION_ERRORS: Final = (
     TimeoutError,
 )
 
+# What the verifier's cache holds of a key's row: any change to it changes this.
+_KEY_FINGERPRINT: Final = (
+    "md5(concat_ws('|', meter_id, alg, public_key, coalesce(valid_from::text, '-'), "
+    "coalesce(valid_until::text, '-'), coalesce(revoked_at::text, '-')))"
+)
+_LOAD_KEYS: Final = (
+    "SELECT kid, meter_id, alg, public_key, valid_from, valid_until, revoked_at, "  # noqa: S608 - constants only
+    f"{_KEY_FINGERPRINT} AS fingerprint FROM meter_keys"
+)
 _RAW_COLUMNS: Final = ("meter_id", "epoch", "seq", "received_at", "sent", "replay", "kid", "topic", "payload")
 
 # asyncpg's classes are generic only in its stubs: these aliases exist for the type checker.
@@ -337,7 +346,7 @@ class Store:
 
     async def load_keys(self, kids: Sequence[str] | None = None) -> list[MeterKey]:
         """Registered keys (all, or those named); a key that no longer parses is skipped."""
-        query = "SELECT kid, meter_id, alg, public_key, valid_from, valid_until, revoked_at FROM meter_keys"
+        query = _LOAD_KEYS
         async with self.connection() as conn:
             rows = await (
                 conn.fetch(query) if kids is None else conn.fetch(query + " WHERE kid = ANY($1)", kids)
@@ -360,9 +369,20 @@ class Store:
                     valid_from=row["valid_from"],
                     valid_until=row["valid_until"],
                     revoked_at=row["revoked_at"],
+                    fingerprint=row["fingerprint"],
                 )
             )
         return keys
+
+    async def key_fingerprints(self, kids: Sequence[str]) -> dict[str, str]:
+        """The fingerprint of each named key's row that still exists: cheap to compare,
+        where reloading would parse every key again."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT kid, {_KEY_FINGERPRINT} AS fingerprint FROM meter_keys WHERE kid = ANY($1)",  # noqa: S608 - a constant, no input
+                kids,
+            )
+        return {r["kid"]: r["fingerprint"] for r in rows}
 
     async def listen_keys(
         self,
