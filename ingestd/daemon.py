@@ -27,7 +27,7 @@ from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
 from ingestd.pipeline import Pipeline
-from ingestd.retention import QuarantineRetention
+from ingestd.retention import ClosedGapRetention, QuarantineRetention
 from ingestd.store import Store
 from ingestd.systemd import Notifier
 
@@ -108,6 +108,7 @@ class Daemon:
             metrics_server = MetricsServer(self.metrics, cfg.metrics.addr)
             health = HealthMonitor(cfg.flags, store=store, metrics=self.metrics, now=self._now)
             retention = QuarantineRetention(cfg.ingest, store=store, metrics=self.metrics, now=self._now)
+            gap_retention = ClosedGapRetention(cfg.gaps, store=store, metrics=self.metrics, now=self._now)
             async with metrics_server, pipeline, health:
                 self.metrics_port = metrics_server.port
                 async with asyncio.TaskGroup() as tg:
@@ -122,6 +123,7 @@ class Daemon:
                         tg.create_task(requester.run(), name="gaps"),
                         tg.create_task(health.run(), name="health"),
                         tg.create_task(retention.run(), name="quarantine-retention"),
+                        tg.create_task(gap_retention.run(), name="gap-retention"),
                         tg.create_task(self.clock.run(store), name="clock"),
                     ]
                     notifier.status("connecting to the broker")

@@ -320,8 +320,9 @@ class Store:
             )
 
     async def list_gaps(
-        self, *, meter_id: str | None = None, status: str | None = None
+        self, *, meter_id: str | None = None, status: str | None = "active"
     ) -> list[asyncpg.Record]:
+        """Gaps with ``status`` (``active``: open or requested; None: every one kept)."""
         statuses = ["open", "requested"] if status == "active" else [status] if status else None
         async with self.connection() as conn:
             return await conn.fetch(
@@ -591,22 +592,33 @@ class Store:
         )
 
     async def prune_quarantine(self, before: datetime, *, chunk: int = 10_000) -> int:
-        """Delete quarantine rows received before ``before``; returns how many.
+        """Delete quarantine rows received before ``before``; returns how many."""
+        return await self._delete_in_chunks(
+            """DELETE FROM quarantine WHERE id IN (
+                   SELECT id FROM quarantine WHERE received_at < $1
+                   ORDER BY received_at LIMIT $2)""",
+            before,
+            chunk,
+        )
 
-        In chunks, each its own short transaction, so that a large backlog (the first run
-        after a flood) never holds a long lock or a long transaction.
-        """
+    async def prune_closed_gaps(self, before: datetime, *, chunk: int = 10_000) -> int:
+        """Delete gaps filled or lost before ``before``; returns how many."""
+        return await self._delete_in_chunks(
+            """DELETE FROM gaps WHERE id IN (
+                   SELECT id FROM gaps WHERE closed_at < $1
+                   ORDER BY closed_at LIMIT $2)""",
+            before,
+            chunk,
+        )
+
+    async def _delete_in_chunks(self, delete: str, before: datetime, chunk: int) -> int:
+        """Run ``delete`` (``$1``: before, ``$2``: at most this many rows) until it deletes
+        less than a chunk: each chunk is its own short transaction, so that a large backlog
+        (the first run after a flood) never holds a long lock or a long transaction."""
         total = 0
         while True:
             async with self.connection() as conn:
-                status = await conn.execute(
-                    """DELETE FROM quarantine WHERE id IN (
-                           SELECT id FROM quarantine WHERE received_at < $1
-                           ORDER BY received_at LIMIT $2)""",
-                    before,
-                    chunk,
-                )
-            deleted = _row_count(status)
+                deleted = _row_count(await conn.execute(delete, before, chunk))
             total += deleted
             if deleted < chunk:
                 return total
