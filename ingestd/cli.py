@@ -103,10 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
         "gaps", parents=[common], help="list sequence gaps; 'gaps request' asks a meter to replay now"
     )
     gaps.add_argument("--meter", metavar="ID", help="only this meter")
-    gaps.add_argument(
+    shown = gaps.add_mutually_exclusive_group()
+    shown.add_argument(
         "--status",
         choices=("open", "requested", "filled", "lost", "active"),
-        help="only this status (active: open or requested)",
+        default="active",
+        help="only this status (default active: open or requested)",
+    )
+    shown.add_argument(
+        "--all",
+        action="store_const",
+        const=None,
+        dest="status",
+        help="every gap kept, closed ones too (see gaps.closed_retention_days)",
     )
     gaps.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     gaps_cmds = gaps.add_subparsers(dest="gaps_command", metavar="ACTION", parser_class=_Parser)

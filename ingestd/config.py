@@ -148,6 +148,8 @@ class GapsConfig:
     # How often due gaps are looked for, and how many are taken per round.
     poll_s: float = 1.0
     requests_per_round: int = 100
+    # Filled and lost gaps are deleted this long after they closed (0: kept for ever).
+    closed_retention_days: float = 400.0
 
     def validate(self) -> None:
         _require_range("gaps.grace_s", self.grace_s, 0, 86400)
@@ -157,6 +159,7 @@ class GapsConfig:
         _require_range("gaps.retention_days", self.retention_days, 0.001, 3650)
         _require_range("gaps.poll_s", self.poll_s, 0.01, 3600)
         _require_range("gaps.requests_per_round", self.requests_per_round, 1, 100000)
+        _require_range("gaps.closed_retention_days", self.closed_retention_days, 0, 36500)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
 from ingestd.pipeline import Pipeline
-from ingestd.retention import QuarantineRetention
+from ingestd.retention import ClosedGapRetention, QuarantineRetention
 from ingestd.store import Store
 from ingestd.systemd import Notifier
 
@@ -75,9 +75,9 @@ class Daemon:
                 )
             self.metrics.db_up.set(1)  # reached, and the schema is current
             await self.clock.sync(store)
+            # Empty at start: keys are loaded as meters speak (ingestd.keyring).
             keyring = Keyring(store)
-            await keyring.load_all()
-            self.metrics.keys_loaded.set(len(keyring))
+            self.metrics.keys_loaded.set_function(keyring.__len__)
             # The link hands deliveries to the pipeline, which acknowledges through the link.
             link = MqttLink(
                 cfg.mqtt,
@@ -108,6 +108,7 @@ class Daemon:
             metrics_server = MetricsServer(self.metrics, cfg.metrics.addr)
             health = HealthMonitor(cfg.flags, store=store, metrics=self.metrics, now=self._now)
             retention = QuarantineRetention(cfg.ingest, store=store, metrics=self.metrics, now=self._now)
+            gap_retention = ClosedGapRetention(cfg.gaps, store=store, metrics=self.metrics, now=self._now)
             async with metrics_server, pipeline, health:
                 self.metrics_port = metrics_server.port
                 async with asyncio.TaskGroup() as tg:
@@ -122,6 +123,7 @@ class Daemon:
                         tg.create_task(requester.run(), name="gaps"),
                         tg.create_task(health.run(), name="health"),
                         tg.create_task(retention.run(), name="quarantine-retention"),
+                        tg.create_task(gap_retention.run(), name="gap-retention"),
                         tg.create_task(self.clock.run(store), name="clock"),
                     ]
                     notifier.status("connecting to the broker")
@@ -139,7 +141,7 @@ class Daemon:
                         # systemd watches from READY=1 on; the pings come from this loop.
                         tasks.append(tg.create_task(notifier.run_watchdog(), name="watchdog"))
                         tasks.append(tg.create_task(notifier.keep_status(describe), name="status"))
-                        log.info("ingestd_ready", metrics_port=self.metrics_port, keys=len(keyring))
+                        log.info("ingestd_ready", metrics_port=self.metrics_port)
                         await self.should_exit.wait()
                     notifier.stopping(f"shutting down; draining {pipeline.in_hand}")
                     log.info("shutdown_started", in_hand=pipeline.in_hand)

@@ -63,6 +63,8 @@ class MeterKey:
     valid_from: datetime | None = None
     valid_until: datetime | None = None
     revoked_at: datetime | None = None
+    # Of the row it was loaded from (``Store.key_fingerprints``): tells a changed row.
+    fingerprint: str | None = None
 
     def usable_at(self, when: datetime) -> str | None:
         """None when the key may sign at ``when``; otherwise why not."""

@@ -1,5 +1,12 @@
 """The verifier's cache of registered meter keys, kept current from the database.
 
+Keys are loaded on demand: the first message that names a kid not in the cache makes the
+pipeline look it up (``fetch``), so memory and start-up grow with the meters that talk,
+not with the fleet registered. A NOTIFY from the database (``changed``) reloads a cached
+key at once; a periodic check (``watch``) and a check after the listener reconnects
+compare a fingerprint of every cached key's row with the database and reload only those
+that differ, so a missed notification costs one cheap query, never a reload of the fleet.
+
 Read and updated on the event loop only (the verification workers get the key itself with
 each request): entries are immutable and replaced whole, so a batch sees either the old
 key or the new one, never a mixture.
@@ -24,6 +31,8 @@ log = structlog.get_logger("ingestd.keyring")
 # A kid that the database does not know is not asked for again for this long, so that a
 # flood of messages with invented kids costs one query, not one per message.
 NEGATIVE_TTL_S: Final = 10.0
+# Past this many remembered unknown kids, the expired ones are dropped.
+MISSING_MAX: Final = 10_000
 
 
 class Keyring:
@@ -42,11 +51,6 @@ class Keyring:
     def get(self, kid: str, /) -> MeterKey | None:
         return self._keys.get(kid)
 
-    async def load_all(self) -> None:
-        keys = await self._store.load_keys()
-        self._keys = {k.kid: k for k in keys}
-        self._missing.clear()
-
     async def fetch(self, kids: Iterable[str]) -> bool:
         """Look up kids not in the cache; True when any was found."""
         now = self._monotonic()
@@ -57,6 +61,9 @@ class Keyring:
         ]
         if not wanted:
             return False
+        if len(self._missing) > MISSING_MAX:
+            # Invented kids must not grow memory for ever: forget those past their TTL.
+            self._missing = {k: t for k, t in self._missing.items() if now - t < NEGATIVE_TTL_S}
         found = {k.kid: k for k in await self._store.load_keys(wanted)}
         for kid in wanted:
             if kid in found:
@@ -73,42 +80,58 @@ class Keyring:
         self._wakeup.set()
 
     def resync(self) -> None:
-        """Notifications may have been missed: reload every key at the next wake-up."""
+        """Notifications may have been missed: check every cached key at the next wake-up."""
         self._resync = True
         self._wakeup.set()
 
     async def watch(self, refresh_s: float) -> None:
-        """Apply changes as they are announced, and reload everything every ``refresh_s``
-        (a safety net for a notification missed while the listening connection was down)."""
+        """Apply changes as they are announced, and check every cached key against the
+        database every ``refresh_s`` (a safety net for a notification missed while the
+        listening connection was down)."""
         loop = asyncio.get_running_loop()
-        next_full = loop.time() + refresh_s
+        next_check = loop.time() + refresh_s
         while True:
             try:
-                async with asyncio.timeout(max(0.0, next_full - loop.time())):
+                async with asyncio.timeout(max(0.0, next_check - loop.time())):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass
             self._wakeup.clear()
             try:
-                if self._resync or loop.time() >= next_full:
+                if self._resync or loop.time() >= next_check:
                     self._resync = False
-                    await self.load_all()
                     self._changed.clear()
-                    next_full = loop.time() + refresh_s
+                    await self.check()
+                    next_check = loop.time() + refresh_s
                 elif self._changed:
                     kids, self._changed = self._changed, set()
                     await self._reload(kids)
             except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 # Whatever the database says (a lost connection, a full lock table): the
-                # cache as it is serves on, and the reload is tried again soon.
+                # cache as it is serves on, and the check is tried again soon.
                 log.warning("keyring_refresh_failed", error=describe(exc))
-                next_full = loop.time() + min(refresh_s, 5.0)
+                self._resync = True
+                next_check = loop.time() + min(refresh_s, 5.0)
+
+    async def check(self) -> int:
+        """Reload the cached keys whose row changed or went; returns how many."""
+        if not self._keys:
+            return 0
+        current = await self._store.key_fingerprints(list(self._keys))
+        stale = {kid for kid, key in self._keys.items() if current.get(kid) != key.fingerprint}
+        if stale:
+            await self._reload(stale)
+        return len(stale)
 
     async def _reload(self, kids: set[str]) -> None:
-        found = {k.kid: k for k in await self._store.load_keys(sorted(kids))}
-        for kid in kids:
+        # Only keys in use are kept current; one not cached is loaded when a message needs it.
+        wanted = sorted(kid for kid in kids if kid in self._keys)
+        if not wanted:
+            return
+        found = {k.kid: k for k in await self._store.load_keys(wanted)}
+        for kid in wanted:
             if kid in found:
                 self._keys[kid] = found[kid]
             else:
                 self._keys.pop(kid, None)
-        log.info("keys_reloaded", kids=sorted(kids))
+        log.info("keys_reloaded", kids=wanted)

@@ -76,6 +76,11 @@ class Metrics:
             "1 while reading from the broker is paused because too much is pending.",
             registry=r,
         )
+        self.gaps_pruned = Counter(
+            "ingestd_gaps_pruned",
+            "Closed gaps deleted for being older than gaps.closed_retention_days.",
+            registry=r,
+        )
         self.quarantine_pruned = Counter(
             "ingestd_quarantine_pruned",
             "Quarantine rows deleted for being older than ingest.quarantine_retention_days.",

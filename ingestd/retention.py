@@ -1,9 +1,14 @@
-"""Retention: the quarantine keeps rejected messages for investigation, not for ever.
+"""Retention: what is kept for investigation, not for ever.
 
-Every rejection is stored (up to ``ingest.quarantine_payload_max`` bytes of payload), so
-a sustained flood of bad messages would grow the table without end. Rows older than
-``ingest.quarantine_retention_days`` are deleted at start-up and every hour after; with
-several instances on one database each prunes, harmlessly (a row is deleted once).
+- The quarantine: every rejection is stored (up to ``ingest.quarantine_payload_max``
+  bytes of payload), so a sustained flood of bad messages would grow the table without
+  end. Rows older than ``ingest.quarantine_retention_days`` are deleted.
+- Closed gaps (filled or lost): one row per range ever chased, a million a year at
+  100,000 meters. Those closed more than ``gaps.closed_retention_days`` ago are deleted
+  (a billing period's lost intervals are read long before that).
+
+Each prunes at start-up and every hour after; with several instances on one database
+each prunes, harmlessly (a row is deleted once).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Final
 import asyncpg
 import structlog
 
-from ingestd.config import IngestConfig
+from ingestd.config import GapsConfig, IngestConfig
 from ingestd.metrics import Metrics
 from ingestd.store import CONNECTION_ERRORS, Store
 
@@ -25,8 +30,34 @@ log = structlog.get_logger("ingestd.retention")
 PRUNE_EVERY_S: Final = 3600.0
 
 
-class QuarantineRetention:
+class _Pruner:
+    """One pruning task: :meth:`run` calls :meth:`prune` at start-up and every hour."""
+
+    what: str
+
+    @property
+    def enabled(self) -> bool:
+        raise NotImplementedError
+
+    async def prune(self) -> int:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        if not self.enabled:
+            return
+        while True:
+            try:
+                await self.prune()
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                # Housekeeping: ingestion goes on without it, and the next hour tries again.
+                log.warning("prune_failed", what=self.what, error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+
+class QuarantineRetention(_Pruner):
     """The daemon's quarantine pruning, one task: :meth:`run`."""
+
+    what = "quarantine"
 
     def __init__(
         self,
@@ -45,17 +76,6 @@ class QuarantineRetention:
     def enabled(self) -> bool:
         return self._keep > timedelta(0)
 
-    async def run(self) -> None:
-        if not self.enabled:
-            return
-        while True:
-            try:
-                await self.prune()
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-                # Housekeeping: ingestion goes on without it, and the next hour tries again.
-                log.warning("quarantine_prune_failed", error=str(exc) or type(exc).__name__)
-            await asyncio.sleep(PRUNE_EVERY_S)
-
     async def prune(self) -> int:
         """Delete what is older than the retention now; returns how many rows."""
         if not self.enabled:
@@ -65,4 +85,38 @@ class QuarantineRetention:
         self._metrics.quarantine_pruned.inc(deleted)
         if deleted:
             log.info("quarantine_pruned", rows=deleted, before=before.isoformat(timespec="seconds"))
+        return deleted
+
+
+class ClosedGapRetention(_Pruner):
+    """The daemon's pruning of closed gaps, one task: :meth:`run`."""
+
+    what = "gaps"
+
+    def __init__(
+        self,
+        config: GapsConfig,
+        *,
+        store: Store,
+        metrics: Metrics,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._keep = timedelta(days=config.closed_retention_days)
+        self._store = store
+        self._metrics = metrics
+        self._now = now
+
+    @property
+    def enabled(self) -> bool:
+        return self._keep > timedelta(0)
+
+    async def prune(self) -> int:
+        """Delete gaps closed before the retention; returns how many rows."""
+        if not self.enabled:
+            return 0
+        before = self._now() - self._keep
+        deleted = await self._store.prune_closed_gaps(before)
+        self._metrics.gaps_pruned.inc(deleted)
+        if deleted:
+            log.info("gaps_pruned", rows=deleted, before=before.isoformat(timespec="seconds"))
         return deleted

@@ -52,6 +52,15 @@ CONNECTION_ERRORS: Final = (
     TimeoutError,
 )
 
+# What the verifier's cache holds of a key's row: any change to it changes this.
+_KEY_FINGERPRINT: Final = (
+    "md5(concat_ws('|', meter_id, alg, public_key, coalesce(valid_from::text, '-'), "
+    "coalesce(valid_until::text, '-'), coalesce(revoked_at::text, '-')))"
+)
+_LOAD_KEYS: Final = (
+    "SELECT kid, meter_id, alg, public_key, valid_from, valid_until, revoked_at, "  # noqa: S608 - constants only
+    f"{_KEY_FINGERPRINT} AS fingerprint FROM meter_keys"
+)
 _RAW_COLUMNS: Final = ("meter_id", "epoch", "seq", "received_at", "sent", "replay", "kid", "topic", "payload")
 
 # asyncpg's classes are generic only in its stubs: these aliases exist for the type checker.
@@ -311,8 +320,9 @@ class Store:
             )
 
     async def list_gaps(
-        self, *, meter_id: str | None = None, status: str | None = None
+        self, *, meter_id: str | None = None, status: str | None = "active"
     ) -> list[asyncpg.Record]:
+        """Gaps with ``status`` (``active``: open or requested; None: every one kept)."""
         statuses = ["open", "requested"] if status == "active" else [status] if status else None
         async with self.connection() as conn:
             return await conn.fetch(
@@ -337,7 +347,7 @@ class Store:
 
     async def load_keys(self, kids: Sequence[str] | None = None) -> list[MeterKey]:
         """Registered keys (all, or those named); a key that no longer parses is skipped."""
-        query = "SELECT kid, meter_id, alg, public_key, valid_from, valid_until, revoked_at FROM meter_keys"
+        query = _LOAD_KEYS
         async with self.connection() as conn:
             rows = await (
                 conn.fetch(query) if kids is None else conn.fetch(query + " WHERE kid = ANY($1)", kids)
@@ -360,9 +370,20 @@ class Store:
                     valid_from=row["valid_from"],
                     valid_until=row["valid_until"],
                     revoked_at=row["revoked_at"],
+                    fingerprint=row["fingerprint"],
                 )
             )
         return keys
+
+    async def key_fingerprints(self, kids: Sequence[str]) -> dict[str, str]:
+        """The fingerprint of each named key's row that still exists: cheap to compare,
+        where reloading would parse every key again."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT kid, {_KEY_FINGERPRINT} AS fingerprint FROM meter_keys WHERE kid = ANY($1)",  # noqa: S608 - a constant, no input
+                kids,
+            )
+        return {r["kid"]: r["fingerprint"] for r in rows}
 
     async def listen_keys(
         self,
@@ -571,22 +592,33 @@ class Store:
         )
 
     async def prune_quarantine(self, before: datetime, *, chunk: int = 10_000) -> int:
-        """Delete quarantine rows received before ``before``; returns how many.
+        """Delete quarantine rows received before ``before``; returns how many."""
+        return await self._delete_in_chunks(
+            """DELETE FROM quarantine WHERE id IN (
+                   SELECT id FROM quarantine WHERE received_at < $1
+                   ORDER BY received_at LIMIT $2)""",
+            before,
+            chunk,
+        )
 
-        In chunks, each its own short transaction, so that a large backlog (the first run
-        after a flood) never holds a long lock or a long transaction.
-        """
+    async def prune_closed_gaps(self, before: datetime, *, chunk: int = 10_000) -> int:
+        """Delete gaps filled or lost before ``before``; returns how many."""
+        return await self._delete_in_chunks(
+            """DELETE FROM gaps WHERE id IN (
+                   SELECT id FROM gaps WHERE closed_at < $1
+                   ORDER BY closed_at LIMIT $2)""",
+            before,
+            chunk,
+        )
+
+    async def _delete_in_chunks(self, delete: str, before: datetime, chunk: int) -> int:
+        """Run ``delete`` (``$1``: before, ``$2``: at most this many rows) until it deletes
+        less than a chunk: each chunk is its own short transaction, so that a large backlog
+        (the first run after a flood) never holds a long lock or a long transaction."""
         total = 0
         while True:
             async with self.connection() as conn:
-                status = await conn.execute(
-                    """DELETE FROM quarantine WHERE id IN (
-                           SELECT id FROM quarantine WHERE received_at < $1
-                           ORDER BY received_at LIMIT $2)""",
-                    before,
-                    chunk,
-                )
-            deleted = _row_count(status)
+                deleted = _row_count(await conn.execute(delete, before, chunk))
             total += deleted
             if deleted < chunk:
                 return total

@@ -7,15 +7,17 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
+from test_cli import aingestd, cli_env
 
 from conftest import running_daemon, with_ingest
 from helpers import metric, wait_until
 from ingestd.config import Config, IngestConfig, load_config
 from ingestd.errors import ConfigError
 from ingestd.metrics import Metrics
-from ingestd.retention import QuarantineRetention
+from ingestd.retention import ClosedGapRetention, QuarantineRetention
 from ingestd.store import Reject, Store
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -96,3 +98,68 @@ def test_retention_setting_is_checked(value: str) -> None:
 
 def test_default_is_a_year() -> None:
     assert IngestConfig().quarantine_retention_days == 365
+
+
+# -- closed gaps ----------------------------------------------------------------------------
+
+
+async def add_gaps(db: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Filled and lost gaps closed long ago and recently, and an open one detected long ago."""
+    await db.execute(
+        """INSERT INTO gaps (meter_id, epoch, from_seq, to_seq, status, detected_at, closed_at)
+           VALUES ('OLD-FILLED', 0, 1, 1, 'filled', $1, $1),
+                  ('OLD-LOST',   0, 1, 1, 'lost',   $1, $1),
+                  ('NEW-LOST',   0, 1, 1, 'lost',   $2, $2),
+                  ('OLD-OPEN',   0, 1, 1, 'open',   $1, NULL)""",
+        NOW - timedelta(days=500),
+        NOW - timedelta(days=10),
+    )
+
+
+async def test_closed_gaps_are_pruned_after_their_retention(
+    config: Config, store: Store, db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    await add_gaps(db)
+    metrics = Metrics(CollectorRegistry())
+    retention = ClosedGapRetention(config.gaps, store=store, metrics=metrics, now=lambda: NOW)
+    assert config.gaps.closed_retention_days == 400
+    assert await retention.prune() == 2
+    assert metric(metrics.registry, "ingestd_gaps_pruned_total") == 2
+    left = await db.fetch("SELECT meter_id FROM gaps ORDER BY meter_id")
+    # An open gap is never pruned, however old: it is still chased or will be lost.
+    assert [r["meter_id"] for r in left] == ["NEW-LOST", "OLD-OPEN"]
+    assert await store.prune_closed_gaps(NOW - timedelta(days=400), chunk=1) == 0
+
+
+async def test_closed_gap_retention_zero_keeps_them(
+    config: Config, store: Store, db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    await add_gaps(db)
+    gaps = dataclasses.replace(config.gaps, closed_retention_days=0)
+    retention = ClosedGapRetention(gaps, store=store, metrics=Metrics(CollectorRegistry()), now=lambda: NOW)
+    assert await retention.prune() == 0
+    await retention.run()  # returns at once
+    assert await db.fetchval("SELECT count(*) FROM gaps") == 4
+
+
+async def test_gaps_lists_active_ones_unless_all_is_asked(
+    db_url: str, db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    await add_gaps(db)
+    env = cli_env(db_url)
+    listed = await aingestd("gaps", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert [g["meter_id"] for g in orjson.loads(listed.stdout)] == ["OLD-OPEN"]
+    every = await aingestd("gaps", "--all", "--json", env=env)
+    assert every.returncode == 0, every.stderr
+    assert sorted(g["meter_id"] for g in orjson.loads(every.stdout)) == [
+        "NEW-LOST",
+        "OLD-FILLED",
+        "OLD-LOST",
+        "OLD-OPEN",
+    ]
+    lost = await aingestd("gaps", "--status", "lost", "--json", env=env)
+    assert sorted(g["meter_id"] for g in orjson.loads(lost.stdout)) == ["NEW-LOST", "OLD-LOST"]
+    both = await aingestd("gaps", "--all", "--status", "lost", env=env)
+    assert both.returncode == 2
+    assert len(both.stderr.strip().splitlines()) == 1, both.stderr
