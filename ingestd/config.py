@@ -147,6 +147,9 @@ class GapsConfig:
     # How often due gaps are looked for, and how many are taken per round.
     poll_s: float = 1.0
     requests_per_round: int = 100
+    # Gaps chased (open or requested) per meter, over all its epochs: a new gap beyond it
+    # is recorded lost at once, so that a stolen key cannot grow the gaps table without end.
+    max_active_per_meter: int = 1000
 
     def validate(self) -> None:
         _require_range("gaps.grace_s", self.grace_s, 0, 86400)
@@ -156,6 +159,7 @@ class GapsConfig:
         _require_range("gaps.retention_days", self.retention_days, 0.001, 3650)
         _require_range("gaps.poll_s", self.poll_s, 0.01, 3600)
         _require_range("gaps.requests_per_round", self.requests_per_round, 1, 100000)
+        _require_range("gaps.max_active_per_meter", self.max_active_per_meter, 1, 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,26 @@ def chunks(rng: Range, size: int) -> list[Range]:
     return [(a, min(a + size - 1, high)) for a in range(low, high + 1, size)]
 
 
+def plan_gaps(ranges: Sequence[Range], *, max_range: int, room: int) -> tuple[list[Range], list[Range]]:
+    """New gaps of one (meter, epoch), in seq order, as rows: the chunks to chase and the
+    ranges given up at once, both in seq order. The newest seqs are chased (the likeliest
+    still in the meter's flash): at most ``MAX_CHASED_REQUESTS`` chunks of one skip and
+    ``room`` chunks in all. What is not chased of a skip is one range, so each skip costs
+    at most one lost row whatever the bounds."""
+    chased: list[Range] = []
+    lost: list[Range] = []
+    for low, high in reversed(ranges):
+        newest, _ = bound_gap((low, high), MAX_CHASED_REQUESTS * max_range)
+        parts = chunks(newest, max_range)
+        take = parts[len(parts) - min(len(parts), max(room, 0)) :]
+        room -= len(take)
+        chased[:0] = take
+        end = take[0][0] - 1 if take else high
+        if end >= low:
+            lost.insert(0, (low, end))
+    return chased, lost
+
+
 def subtract(rng: Range, remove: Range) -> tuple[list[Range], Range | None]:
     """``rng`` without ``remove``: (what remains, the overlap or None)."""
     low, high = rng
@@ -162,20 +182,28 @@ async def track_seqs(
         now,
     )
     previous = {(r["meter_id"], r["epoch"]): r["previous_max"] for r in rows}
-    detected: list[tuple[str, int, int, int]] = []
-    given_up: list[tuple[str, int, int, int]] = []
+    skipped: dict[tuple[str, int], list[Range]] = {}
     late: dict[tuple[str, int], list[int]] = {}
     for key in keys:
         prev = previous.get(key, 0)
-        for gap in new_gaps(prev, seen[key].new_seqs):
-            chased, older = bound_gap(gap, MAX_CHASED_REQUESTS * config.max_range)
-            if older is not None:
-                given_up.append((key[0], key[1], *older))
-                log.warning("seq_jump", meter=key[0], epoch=key[1], lost_from=older[0], lost_to=older[1])
-            detected.extend((key[0], key[1], a, b) for a, b in chunks(chased, config.max_range))
+        found = new_gaps(prev, seen[key].new_seqs)
+        if found:
+            skipped[key] = found
         below = [s for s in seen[key].new_seqs if s <= prev]
         if below:
             late[key] = below
+    detected: list[tuple[str, int, int, int]] = []
+    given_up: list[tuple[str, int, int, int]] = []
+    if skipped:
+        room = await _room(conn, sorted({k[0] for k in skipped}), config.max_active_per_meter)
+        # A meter's newest epoch first: a reset meter's old epoch is the likelier loss.
+        for key in sorted(skipped, reverse=True):
+            chased, lost = plan_gaps(skipped[key], max_range=config.max_range, room=room[key[0]])
+            room[key[0]] -= len(chased)
+            detected.extend((key[0], key[1], a, b) for a, b in chased)
+            for low, high in lost:
+                given_up.append((key[0], key[1], low, high))
+                log.warning("gap_given_up", meter=key[0], epoch=key[1], lost_from=low, lost_to=high)
     if detected:
         await conn.execute(
             """INSERT INTO gaps (meter_id, epoch, from_seq, to_seq, status, detected_at, next_request_at)
@@ -208,6 +236,19 @@ async def track_seqs(
         for rng in seen[key].unavailable:
             counts = counts.plus(await _mark_lost(conn, key, rng, now))
     return counts
+
+
+async def _room(conn: PoolConnection, meters: list[str], limit: int) -> dict[str, int]:
+    """How many more gaps each meter may have chased. Under the batch's row locks on its
+    (meter, epoch) rows; two instances writing two epochs of one meter at the same moment
+    could each use the same room, which the next batch of that meter then finds used."""
+    rows = await conn.fetch(
+        """SELECT m, (SELECT count(*) FROM gaps g
+                      WHERE g.meter_id = m AND g.status IN ('open', 'requested')) AS active
+           FROM unnest($1::text[]) AS m""",
+        meters,
+    )
+    return {r["m"]: max(0, limit - r["active"]) for r in rows}
 
 
 async def _active_overlapping(conn: PoolConnection, key: tuple[str, int], low: int, high: int) -> list[Any]:
