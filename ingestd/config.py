@@ -150,6 +150,13 @@ class GapsConfig:
     requests_per_round: int = 100
     # Filled and lost gaps are deleted this long after they closed (0: kept for ever).
     closed_retention_days: float = 400.0
+    # A meter with this many requests unanswered (gaps `requested`) gets no new ones until
+    # some are answered; it is also the most a meter gets in one round, so that one meter's
+    # thousands of gaps cannot hold back the others'.
+    max_outstanding_per_meter: int = 10
+    # Gaps chased (open or requested) per meter, over all its epochs: a new gap beyond it
+    # is recorded lost at once, so that a stolen key cannot grow the gaps table without end.
+    max_active_per_meter: int = 1000
 
     def validate(self) -> None:
         _require_range("gaps.grace_s", self.grace_s, 0, 86400)
@@ -160,6 +167,8 @@ class GapsConfig:
         _require_range("gaps.poll_s", self.poll_s, 0.01, 3600)
         _require_range("gaps.requests_per_round", self.requests_per_round, 1, 100000)
         _require_range("gaps.closed_retention_days", self.closed_retention_days, 0, 36500)
+        _require_range("gaps.max_outstanding_per_meter", self.max_outstanding_per_meter, 1, 10000)
+        _require_range("gaps.max_active_per_meter", self.max_active_per_meter, 1, 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)

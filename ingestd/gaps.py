@@ -6,6 +6,10 @@ batch transaction (``track_seqs``); requests are sent by ``GapRequester``, which
 gaps with ``FOR UPDATE SKIP LOCKED``, so that with several ingestd instances on one shared
 subscription exactly one of them asks for a given gap, and which re-checks the ledger
 before every request, so that a gap filled by another instance is never asked for again.
+
+One meter cannot crowd out the others: each round serves meters in turns, a meter has at
+most ``gaps.max_outstanding_per_meter`` requests unanswered, and at most
+``gaps.max_active_per_meter`` gaps chased (beyond it a new gap is recorded lost at once).
 """
 
 from __future__ import annotations
@@ -80,6 +84,26 @@ def chunks(rng: Range, size: int) -> list[Range]:
     """Split a range into ranges of at most ``size`` seqs (one replay request each)."""
     low, high = rng
     return [(a, min(a + size - 1, high)) for a in range(low, high + 1, size)]
+
+
+def plan_gaps(ranges: Sequence[Range], *, max_range: int, room: int) -> tuple[list[Range], list[Range]]:
+    """New gaps of one (meter, epoch), in seq order, as rows: the chunks to chase and the
+    ranges given up at once, both in seq order. The newest seqs are chased (the likeliest
+    still in the meter's flash): at most ``MAX_CHASED_REQUESTS`` chunks of one skip and
+    ``room`` chunks in all. What is not chased of a skip is one range, so each skip costs
+    at most one lost row whatever the bounds."""
+    chased: list[Range] = []
+    lost: list[Range] = []
+    for low, high in reversed(ranges):
+        newest, _ = bound_gap((low, high), MAX_CHASED_REQUESTS * max_range)
+        parts = chunks(newest, max_range)
+        take = parts[len(parts) - min(len(parts), max(room, 0)) :]
+        room -= len(take)
+        chased[:0] = take
+        end = take[0][0] - 1 if take else high
+        if end >= low:
+            lost.insert(0, (low, end))
+    return chased, lost
 
 
 def subtract(rng: Range, remove: Range) -> tuple[list[Range], Range | None]:
@@ -162,20 +186,28 @@ async def track_seqs(
         now,
     )
     previous = {(r["meter_id"], r["epoch"]): r["previous_max"] for r in rows}
-    detected: list[tuple[str, int, int, int]] = []
-    given_up: list[tuple[str, int, int, int]] = []
+    skipped: dict[tuple[str, int], list[Range]] = {}
     late: dict[tuple[str, int], list[int]] = {}
     for key in keys:
         prev = previous.get(key, 0)
-        for gap in new_gaps(prev, seen[key].new_seqs):
-            chased, older = bound_gap(gap, MAX_CHASED_REQUESTS * config.max_range)
-            if older is not None:
-                given_up.append((key[0], key[1], *older))
-                log.warning("seq_jump", meter=key[0], epoch=key[1], lost_from=older[0], lost_to=older[1])
-            detected.extend((key[0], key[1], a, b) for a, b in chunks(chased, config.max_range))
+        found = new_gaps(prev, seen[key].new_seqs)
+        if found:
+            skipped[key] = found
         below = [s for s in seen[key].new_seqs if s <= prev]
         if below:
             late[key] = below
+    detected: list[tuple[str, int, int, int]] = []
+    given_up: list[tuple[str, int, int, int]] = []
+    if skipped:
+        room = await _room(conn, sorted({k[0] for k in skipped}), config.max_active_per_meter)
+        # A meter's newest epoch first: a reset meter's old epoch is the likelier loss.
+        for key in sorted(skipped, reverse=True):
+            chased, lost = plan_gaps(skipped[key], max_range=config.max_range, room=room[key[0]])
+            room[key[0]] -= len(chased)
+            detected.extend((key[0], key[1], a, b) for a, b in chased)
+            for low, high in lost:
+                given_up.append((key[0], key[1], low, high))
+                log.warning("gap_given_up", meter=key[0], epoch=key[1], lost_from=low, lost_to=high)
     if detected:
         await conn.execute(
             """INSERT INTO gaps (meter_id, epoch, from_seq, to_seq, status, detected_at, next_request_at)
@@ -208,6 +240,19 @@ async def track_seqs(
         for rng in seen[key].unavailable:
             counts = counts.plus(await _mark_lost(conn, key, rng, now))
     return counts
+
+
+async def _room(conn: PoolConnection, meters: list[str], limit: int) -> dict[str, int]:
+    """How many more gaps each meter may have chased. Under the batch's row locks on its
+    (meter, epoch) rows; two instances writing two epochs of one meter at the same moment
+    could each use the same room, which the next batch of that meter then finds used."""
+    rows = await conn.fetch(
+        """SELECT m, (SELECT count(*) FROM gaps g
+                      WHERE g.meter_id = m AND g.status IN ('open', 'requested')) AS active
+           FROM unnest($1::text[]) AS m""",
+        meters,
+    )
+    return {r["m"]: max(0, limit - r["active"]) for r in rows}
 
 
 async def _active_overlapping(conn: PoolConnection, key: tuple[str, int], low: int, high: int) -> list[Any]:
@@ -344,8 +389,94 @@ def replay_request(meter_id: str, req: uuid.UUID, epoch: int, rng: Range, sent: 
     )
 
 
+# The first key of the per-meter advisory locks of a round (the second is the hash of the
+# meter id), apart from the single-key lock of migrations. Two meters whose ids hash alike
+# only share a turn: one of them may wait a round.
+METER_LOCK_CLASS: Final = 0x1D6E5A
+
+# The meters a round serves, those waiting longest first (since their first gap fell due,
+# or since they were last asked, if later: a meter just served goes behind those that were
+# not): each has a retry due, or an open gap due and room for another request. A meter is
+# taken only if this transaction gets its advisory lock, so that with several instances
+# each meter is served by one of them per round (and its requests counted by one), while
+# the others go on to the next meters instead of finding that meter's gaps locked. The
+# lock is tried in the outer query, over the ordered candidates, and LIMIT stops it at the
+# round's last meter; OFFSET 0 keeps the planner from moving it into the subquery, where
+# it would lock every candidate. Meters with open gaps are found by skipping along the index from one
+# meter_id to the next: a meter with 20,000 gaps costs a lookup, not a scan.
+# $1 now, $2 max outstanding, $3 meters, $4 the lock class.
+ROUND_METERS: Final = """
+WITH RECURSIVE open_meters(meter_id) AS (
+    (SELECT meter_id FROM gaps WHERE status = 'open' ORDER BY meter_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT g.meter_id FROM gaps g
+            WHERE g.status = 'open' AND g.meter_id > o.meter_id ORDER BY g.meter_id LIMIT 1)
+    FROM open_meters o WHERE o.meter_id IS NOT NULL
+), eligible(meter_id, first_due) AS (
+    SELECT meter_id, min(next_request_at) FROM gaps
+    WHERE status = 'requested' AND next_request_at <= $1
+    GROUP BY meter_id
+    UNION ALL
+    SELECT o.meter_id,
+           (SELECT g.next_request_at FROM gaps g
+            WHERE g.status = 'open' AND g.meter_id = o.meter_id AND g.next_request_at IS NOT NULL
+            ORDER BY g.next_request_at LIMIT 1)
+    FROM open_meters o
+    WHERE o.meter_id IS NOT NULL
+      AND (SELECT count(*) FROM gaps r WHERE r.status = 'requested' AND r.meter_id = o.meter_id) < $2
+)
+SELECT meter_id FROM (
+    SELECT e.meter_id,
+           GREATEST(min(e.first_due), (SELECT max(r.last_request_at) FROM gaps r
+                                       WHERE r.status = 'requested' AND r.meter_id = e.meter_id)) AS since
+    FROM eligible e
+    WHERE e.first_due <= $1
+    GROUP BY e.meter_id
+    ORDER BY since, e.meter_id
+    OFFSET 0
+) candidates
+WHERE pg_try_advisory_xact_lock($4::int, hashtext(meter_id))
+LIMIT $3
+"""
+
+# The due gaps of the round's meters, taken in turns: every meter's first, then every
+# meter's second, and so on, up to the round's size. Per meter its due retries (at most
+# max outstanding) and as many due open gaps as it has room for: new requests only while
+# fewer than max outstanding are unanswered. Rows locked elsewhere (a batch filling the
+# gap) are skipped and come back next round. $1 meters in order, $2 now, $3 max
+# outstanding, $4 the round's size.
+ROUND_GAPS: Final = """
+WITH m AS (
+    SELECT u.meter_id, u.ord,
+           GREATEST(0, $3 - (SELECT count(*) FROM gaps r
+                             WHERE r.status = 'requested' AND r.meter_id = u.meter_id)) AS room
+    FROM unnest($1::text[]) WITH ORDINALITY AS u(meter_id, ord)
+), picked AS (
+    SELECT p.id, p.next_request_at, m.meter_id, m.ord FROM m
+    CROSS JOIN LATERAL (
+        (SELECT g.id, g.next_request_at FROM gaps g
+         WHERE g.status = 'requested' AND g.meter_id = m.meter_id AND g.next_request_at <= $2
+         ORDER BY g.next_request_at LIMIT $3)
+        UNION ALL
+        (SELECT g.id, g.next_request_at FROM gaps g
+         WHERE g.status = 'open' AND g.meter_id = m.meter_id AND g.next_request_at <= $2
+         ORDER BY g.next_request_at LIMIT m.room)
+    ) p
+), turns AS (
+    SELECT id, ord, ROW_NUMBER() OVER (PARTITION BY meter_id ORDER BY next_request_at, id) AS turn
+    FROM picked
+    ORDER BY turn, ord
+    LIMIT $4
+)
+SELECT g.* FROM gaps g JOIN turns t ON t.id = g.id
+WHERE g.status IN ('open', 'requested') AND g.next_request_at <= $2
+ORDER BY t.turn, t.ord
+FOR UPDATE OF g SKIP LOCKED
+"""
+
+
 class GapRequester:
-    """Sends replay requests for due gaps; one of the daemon's tasks."""
+    """Sends replay requests for due gaps, fairly across meters; one of the daemon's tasks."""
 
     def __init__(
         self,
@@ -393,19 +524,28 @@ class GapRequester:
         age = (self._now() - oldest).total_seconds() if oldest is not None else 0.0
         self._metrics.gap_oldest_open_age.set(max(0.0, age))
 
-    async def run_once(self, *, meter_id: str | None = None) -> GapCounts:
-        """One round: every due gap is expired, found filled, or asked for."""
+    async def run_once(self) -> GapCounts:
+        """One round: every gap taken is expired, found filled, or asked for."""
         now = self._now()
+        cfg = self._config
         counts = GapCounts()
         async with self._store.connection() as conn, conn.transaction():
-            due = await conn.fetch(
-                """SELECT * FROM gaps
-                   WHERE status IN ('open', 'requested') AND next_request_at <= $1
-                     AND ($2::text IS NULL OR meter_id = $2)
-                   ORDER BY next_request_at LIMIT $3 FOR UPDATE SKIP LOCKED""",
-                now,
-                meter_id,
-                self._config.requests_per_round,
+            meters = [
+                r["meter_id"]
+                for r in await conn.fetch(
+                    ROUND_METERS,
+                    now,
+                    cfg.max_outstanding_per_meter,
+                    cfg.requests_per_round,
+                    METER_LOCK_CLASS,
+                )
+            ]
+            due = (
+                await conn.fetch(
+                    ROUND_GAPS, meters, now, cfg.max_outstanding_per_meter, cfg.requests_per_round
+                )
+                if meters
+                else []
             )
             retention = timedelta(days=self._config.retention_days)
             for gap in due:
