@@ -359,18 +359,24 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
             ):
                 raise UsageError(f"--site {args.site!r}: no meters registered at this site")
             as_of = await conn.fetchval("SELECT now()")
-            meters = await health.fetch_health(conn, as_of, config.flags, site=args.site, flag=args.flag)
-        counts: dict[str, int] = {flag: sum(m.flag == flag for m in meters) for flag in health.FLAGS}
-        shown = health.by_severity(
-            meters if args.flag else [m for m in meters if health.needs_attention(m, as_of, config.flags)]
-        )
+            counts = await health.flag_counts(conn, as_of, config.flags, site=args.site)
+            if args.flag is not None:
+                # The selection is the meters with that flag: the counts (and the exit
+                # status) are of them.
+                counts = {f: n if f == args.flag else 0 for f, n in counts.items()}
+            shown = health.by_severity(
+                await health.fetch_health(
+                    conn, as_of, config.flags, site=args.site, flag=args.flag, attention=args.flag is None
+                )
+            )
+        total = sum(counts.values())
         if args.json:
             print(orjson.dumps(health.status_json(shown, counts, as_of), option=orjson.OPT_INDENT_2).decode())
         else:
             if shown:
                 print("\n".join(health.status_table(shown, as_of)))
             summary = ", ".join(f"{counts[f]} {f}" for f in health.FLAGS)
-            print(f"{len(shown)} of {len(meters)} meters listed ({summary})")
+            print(f"{len(shown)} of {total} meters listed ({summary})")
         return EXIT_FAILURE if counts["red"] else EXIT_OK
 
     return _run_async(go)

@@ -71,33 +71,43 @@ async def fetch_health(
     *,
     site: str | None = None,
     flag: str | None = None,
+    attention: bool = False,
 ) -> list[MeterHealth]:
-    """Every registered meter (of ``site``, with ``flag``) as of ``as_of``, by meter id."""
+    """Every registered meter (of ``site``, with ``flag``, or only those that need
+    attention: not ok, or a tamper event within red_after) as of ``as_of``, by meter id.
+    Filtered in SQL: at 100,000 meters the few that need attention cross the wire, not all."""
     rows = await conn.fetch(
         """SELECT * FROM meter_health_at($1, $2, $3)
            WHERE ($4::text IS NULL OR site = $4) AND ($5::text IS NULL OR flag = $5)
+             AND (NOT $6 OR flag <> 'ok' OR last_tamper_at IS NOT NULL)
            ORDER BY meter_id""",
         as_of,
         _interval(flags.gray_after_s),
         _interval(flags.red_after_s),
         site,
         flag,
+        attention,
     )
     return [MeterHealth(**dict(r)) for r in rows]
 
 
-async def flag_counts(conn: Conn, as_of: datetime, flags: FlagsConfig) -> dict[Flag, int]:
-    """Meters per flag, every flag present. One aggregate over ``meters`` and the
-    ``meter_epochs`` index: no per-meter lookups, so it stays cheap at 100,000 meters."""
+async def flag_counts(
+    conn: Conn, as_of: datetime, flags: FlagsConfig, *, site: str | None = None
+) -> dict[Flag, int]:
+    """Meters (of ``site``) per flag, every flag present. One aggregate over ``meters``
+    and the ``meter_epochs`` index: no per-meter lookups, so it stays cheap at 100,000
+    meters."""
     rows = await conn.fetch(
         """SELECT meter_flag(s.last_seen, $1, $2, $3) AS flag, count(*) AS n
            FROM meters m
            LEFT JOIN (SELECT meter_id, max(last_seen_at) AS last_seen
                       FROM meter_epochs GROUP BY meter_id) s USING (meter_id)
+           WHERE $4::text IS NULL OR m.site = $4
            GROUP BY 1""",
         as_of,
         _interval(flags.gray_after_s),
         _interval(flags.red_after_s),
+        site,
     )
     counts: dict[Flag, int] = dict.fromkeys(FLAGS, 0)
     for r in rows:
@@ -146,10 +156,13 @@ verdicts AS (
         SELECT count(*) AS n FROM meters o WHERE o.site = m.site AND o.meter_id <> c.meter_id
     ) peers
     CROSS JOIN LATERAL (
-        SELECT count(DISTINCT o.meter_id) AS n
-        FROM events o JOIN meters om ON om.meter_id = o.meter_id
-        WHERE o.code = '001' AND om.site = m.site AND o.meter_id <> c.meter_id
-          AND o.time BETWEEN c.time - $2::interval AND c.time + $2::interval
+        -- Per peer, by the events_power_loss index: the site's size bounds the work, not
+        -- the fleet's power losses in the window.
+        SELECT count(*) AS n FROM meters om
+        WHERE om.site = m.site AND om.meter_id <> c.meter_id
+          AND EXISTS (SELECT FROM events o
+                      WHERE o.meter_id = om.meter_id AND o.code = '001'
+                        AND o.time BETWEEN c.time - $2::interval AND c.time + $2::interval)
     ) losses
 )
 UPDATE events e
@@ -258,23 +271,13 @@ class HealthMonitor:
 # -- `ingestd status` --------------------------------------------------------------------
 
 
-def needs_attention(m: MeterHealth, as_of: datetime, flags: FlagsConfig) -> bool:
-    """Not ok, or a tamper event within the last ``red_after_s`` (older ones have had a week
-    of attention; the meter_health view still shows them)."""
-    return m.flag != "ok" or recent_tamper(m, as_of, flags)
-
-
-def recent_tamper(m: MeterHealth, as_of: datetime, flags: FlagsConfig) -> bool:
-    return m.last_tamper_at is not None and as_of - m.last_tamper_at <= _interval(flags.red_after_s)
-
-
 def by_severity(meters: Sequence[MeterHealth]) -> list[MeterHealth]:
     """red, gray, never, then the rest (tamper events), each by meter id."""
     return sorted(meters, key=lambda m: (SEVERITY[m.flag], m.meter_id))
 
 
 def status_json(
-    meters: Sequence[MeterHealth], counts: Mapping[str, int], as_of: datetime
+    meters: Sequence[MeterHealth], counts: Mapping[Flag, int], as_of: datetime
 ) -> dict[str, object]:
     return {
         "as_of": as_of.isoformat(),
