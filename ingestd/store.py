@@ -126,6 +126,15 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+def _notice_logger(migration: Migration) -> Callable[[Any, asyncpg.PostgresLogMessage], None]:
+    name = f"{migration.version:04d}_{migration.name}"
+
+    def notice(_conn: Any, message: asyncpg.PostgresLogMessage) -> None:  # noqa: ANN401 - a connection or its proxy
+        log.info("migration_notice", migration=name, notice=message.message)
+
+    return notice
+
+
 def _json_codec(conn: Connection) -> Any:  # noqa: ANN401 - asyncpg's coroutine type
     return conn.set_type_codec(
         "jsonb",
@@ -214,13 +223,20 @@ class Store:
                 for migration in migrations():
                     if migration.version in done:
                         continue
-                    async with conn.transaction():
-                        await conn.execute(migration.sql)
-                        await conn.execute(
-                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                            migration.version,
-                            migration.name,
-                        )
+                    # A migration that changes data says what it did in NOTICEs (0005: the
+                    # events it restored); the operator sees them in the log.
+                    listener = _notice_logger(migration)
+                    conn.add_log_listener(listener)
+                    try:
+                        async with conn.transaction():
+                            await conn.execute(migration.sql)
+                            await conn.execute(
+                                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                                migration.version,
+                                migration.name,
+                            )
+                    finally:
+                        conn.remove_log_listener(listener)
                     applied.append(migration)
             except asyncpg.UndefinedFileError as exc:
                 raise UsageError(
@@ -507,11 +523,13 @@ class Store:
             for m in (a.message,)
             for r in m.readings
         ]
+        # An event is identified by its place in the signed message (migration 0005): a
+        # meter may sign two events with the same time and code, and both are stored.
         event_rows = [
-            (m.meter_id, e.time, e.code, e.detail, m.epoch, m.seq, a.received_at)
+            (m.meter_id, e.time, e.code, e.detail, m.epoch, m.seq, idx, a.received_at)
             for a in accepts
             for m in (a.message,)
-            for e in m.events
+            for idx, e in enumerate(m.events)
         ]
         readings = 0
         if reading_rows:
@@ -525,9 +543,9 @@ class Store:
             readings = _row_count(status)
         if event_rows:
             rows = await conn.fetch(
-                """INSERT INTO events (meter_id, time, code, detail, epoch, seq, received_at)
+                """INSERT INTO events (meter_id, time, code, detail, epoch, seq, idx, received_at)
                    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::jsonb[],
-                                        $5::bigint[], $6::bigint[], $7::timestamptz[])
+                                        $5::bigint[], $6::bigint[], $7::integer[], $8::timestamptz[])
                    ON CONFLICT DO NOTHING RETURNING code""",
                 *map(list, zip(*event_rows, strict=True)),
             )
