@@ -189,6 +189,27 @@ async def test_two_power_losses_of_one_instant_are_both_classified(db_url: str, 
     assert [(r["idx"], r["isolated"]) for r in rows] == [(0, "true"), (1, "true")]
 
 
+async def test_a_power_loss_locked_elsewhere_is_skipped_not_waited_for_by_its_twin(
+    db_url: str, db: Conn
+) -> None:
+    same = {"t": format_time(T0), "code": "001"}
+    async with Store(DatabaseConfig(url=db_url)) as store:
+        await store.write_batch([accept("PL-1", 1, [same, same])], [], now=T0)
+    # Another instance is classifying the first of the two.
+    other: Conn = await asyncpg.connect(db_url)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT FROM events WHERE idx = 0 FOR UPDATE")
+            # Waiting for that lock would be a bug: fail at once instead of hanging.
+            await db.execute("SET lock_timeout = '1s'")
+            classified = await classify_power_losses(db, T0 + timedelta(days=1), FlagsConfig())
+            assert len(classified) == 1
+    finally:
+        await other.close()
+    rows = await db.fetch("SELECT idx, detail ? 'isolated' AS done FROM events ORDER BY idx")
+    assert [(r["idx"], r["done"]) for r in rows] == [(0, False), (1, True)]
+
+
 # -- migration 0005 on a database written before it --------------------------------------
 
 # The insert of events as it was up to migration 0004: the first event of each time and
