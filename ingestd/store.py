@@ -210,7 +210,13 @@ class Store:
     async def migrate(self) -> list[Migration]:
         """Apply the migrations not yet applied; returns those it applied."""
         applied: list[Migration] = []
-        async with self.connection() as conn:
+        # A connection of its own, without the pool's command timeout: a migration that
+        # rewrites a large table (0005: every event) takes as long as it takes.
+        try:
+            conn: Connection = await asyncpg.connect(**connect_kwargs(self._config))
+        except CONNECTION_ERRORS as exc:
+            raise ServiceUnavailable(f"database unreachable: {_one_line(exc)}") from exc
+        try:
             await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
             try:
                 await conn.execute(
@@ -247,6 +253,8 @@ class Store:
                 raise UsageError(f"TimescaleDB not loaded: {_one_line(exc)}") from exc
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+        finally:
+            await conn.close()
         return applied
 
     async def pending_migrations(self) -> list[Migration]:

@@ -392,3 +392,13 @@ async def test_migration_0005_leaves_the_events_of_an_unreadable_raw_message_alo
         ), notices
     finally:
         await db.close()
+
+
+async def test_a_migration_is_not_cut_short_by_the_command_timeout(pg_server: PostgresServer) -> None:
+    # 0005 rewrites the events table: on a large one it takes minutes, far longer than
+    # database.command_timeout_s allows a query of the daemon. 0001 alone (the extension,
+    # the hypertables) takes longer than this timeout.
+    url = await asyncio.to_thread(pg_server.create_database, f"m_{uuid.uuid4().hex[:12]}")
+    async with Store(DatabaseConfig(url=url, command_timeout_s=0.1)) as store:
+        applied = await store.migrate()
+    assert [m.version for m in applied] == [m.version for m in migrations()]
