@@ -9,10 +9,12 @@
 --
 -- Existing rows get their position from the signed bytes kept in raw_messages, and the
 -- events the old identity dropped are restored from the same bytes: they were signed and
--- accepted, so they belong in `events`. Set-based statements, one pass over each table.
+-- accepted, so they belong in `events`. Set-based statements throughout, no loop over rows:
+-- 190,000 events of 100,000 messages took 60 s on a busy 2-core test host.
 
--- Just-in-time compilation of plans that span every chunk costs seconds, more than the
--- work itself (8 of the 9 s this took on 40,000 stored messages); for this transaction only.
+-- Just-in-time compilation of plans that span every chunk costs more than the work itself
+-- (8 of the 9 s that reading the signed copies of 40,000 stored messages took). For this
+-- transaction only.
 SET LOCAL jit = off;
 
 -- TimescaleDB refuses a unique index on a hypertable with compression enabled, and every
@@ -137,6 +139,7 @@ BEGIN
                  '% stored messages unreadable', restored, unplaced, unreadable;
 END;
 $$;
+
 -- A daemon older than this migration, running until it is restarted, does not name the
 -- position. Without a default its batches would fail, and the messages with events be
 -- quarantined; with a constant one, its events of one instant would collide. Each such
