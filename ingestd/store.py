@@ -550,6 +550,8 @@ class Store:
             )
             readings = _row_count(status)
         if event_rows:
+            # Only these messages' own rows could conflict, and the ledger admits a message
+            # once: a conflict would be the very same event, already stored.
             rows = await conn.fetch(
                 """INSERT INTO events (meter_id, time, code, detail, epoch, seq, idx, received_at)
                    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::jsonb[],
