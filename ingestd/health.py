@@ -139,7 +139,7 @@ async def store_thresholds(conn: Conn, flags: FlagsConfig) -> None:
 # events_unclassified_power_loss serves only a query with the same literal predicate.
 _CLASSIFY: Final = """
 WITH candidates AS (
-    SELECT e.meter_id, e.time, e.code, e.epoch, e.seq
+    SELECT e.meter_id, e.time, e.epoch, e.seq, e.idx
     FROM events e
     WHERE e.code = '001' AND NOT (e.detail ? 'isolated')
       AND e.time < $1::timestamptz - $2::interval
@@ -171,7 +171,7 @@ SET detail = e.detail || jsonb_build_object(
     'site_meters', v.site_meters,
     'site_power_losses', v.site_power_losses)
 FROM verdicts v
-WHERE (e.meter_id, e.time, e.code, e.epoch, e.seq) = (v.meter_id, v.time, v.code, v.epoch, v.seq)
+WHERE (e.meter_id, e.epoch, e.seq, e.idx, e.time) = (v.meter_id, v.epoch, v.seq, v.idx, v.time)
   AND NOT (e.detail ? 'isolated')
 RETURNING e.meter_id, e.time, (e.detail ->> 'isolated')::boolean AS isolated
 """

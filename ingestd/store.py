@@ -135,6 +135,15 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+def _notice_logger(migration: Migration) -> Callable[[Any, asyncpg.PostgresLogMessage], None]:
+    name = f"{migration.version:04d}_{migration.name}"
+
+    def notice(_conn: Any, message: asyncpg.PostgresLogMessage) -> None:  # noqa: ANN401 - a connection or its proxy
+        log.info("migration_notice", migration=name, notice=message.message)
+
+    return notice
+
+
 def _json_codec(conn: Connection) -> Any:  # noqa: ANN401 - asyncpg's coroutine type
     return conn.set_type_codec(
         "jsonb",
@@ -214,7 +223,13 @@ class Store:
     async def migrate(self) -> list[Migration]:
         """Apply the migrations not yet applied; returns those it applied."""
         applied: list[Migration] = []
-        async with self.connection() as conn:
+        # A connection of its own, without the pool's command timeout: a migration that
+        # rewrites a large table (0005: every event) takes as long as it takes.
+        try:
+            conn: Connection = await asyncpg.connect(**connect_kwargs(self._config))
+        except CONNECTION_ERRORS as exc:
+            raise ServiceUnavailable(f"database unreachable: {_one_line(exc)}") from exc
+        try:
             await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
             try:
                 await conn.execute(
@@ -227,13 +242,20 @@ class Store:
                 for migration in migrations():
                     if migration.version in done:
                         continue
-                    async with conn.transaction():
-                        await conn.execute(migration.sql)
-                        await conn.execute(
-                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                            migration.version,
-                            migration.name,
-                        )
+                    # A migration that changes data says what it did in NOTICEs (0005: the
+                    # events it restored); the operator sees them in the log.
+                    listener = _notice_logger(migration)
+                    conn.add_log_listener(listener)
+                    try:
+                        async with conn.transaction():
+                            await conn.execute(migration.sql)
+                            await conn.execute(
+                                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                                migration.version,
+                                migration.name,
+                            )
+                    finally:
+                        conn.remove_log_listener(listener)
                     applied.append(migration)
             except asyncpg.UndefinedFileError as exc:
                 raise UsageError(
@@ -244,6 +266,8 @@ class Store:
                 raise UsageError(f"TimescaleDB not loaded: {_one_line(exc)}") from exc
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+        finally:
+            await conn.close()
         return applied
 
     async def pending_migrations(self) -> list[Migration]:
@@ -534,11 +558,13 @@ class Store:
             for m in (a.message,)
             for r in m.readings
         ]
+        # An event is identified by its place in the signed message (migration 0005): a
+        # meter may sign two events with the same time and code, and both are stored.
         event_rows = [
-            (m.meter_id, e.time, e.code, e.detail, m.epoch, m.seq, a.received_at)
+            (m.meter_id, e.time, e.code, e.detail, m.epoch, m.seq, idx, a.received_at)
             for a in accepts
             for m in (a.message,)
-            for e in m.events
+            for idx, e in enumerate(m.events)
         ]
         readings = 0
         if reading_rows:
@@ -551,10 +577,12 @@ class Store:
             )
             readings = _row_count(status)
         if event_rows:
+            # Only these messages' own rows could conflict, and the ledger admits a message
+            # once: a conflict would be the very same event, already stored.
             rows = await conn.fetch(
-                """INSERT INTO events (meter_id, time, code, detail, epoch, seq, received_at)
+                """INSERT INTO events (meter_id, time, code, detail, epoch, seq, idx, received_at)
                    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::jsonb[],
-                                        $5::bigint[], $6::bigint[], $7::timestamptz[])
+                                        $5::bigint[], $6::bigint[], $7::integer[], $8::timestamptz[])
                    ON CONFLICT DO NOTHING RETURNING code""",
                 *map(list, zip(*event_rows, strict=True)),
             )
