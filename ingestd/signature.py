@@ -1,8 +1,10 @@
-"""JWS signatures (RFC 7515, flattened JSON serialization) for the five meter algorithms.
+"""JWS signatures (RFC 7515, flattened JSON serialization) for the meter algorithms.
 
 Signatures travel in JWS form: ECDSA and DSA as the fixed-width concatenation r||s,
 not DER. Keys are checked when they are loaded, so that a weak key never gets as far
-as the key table.
+as the key table. ``EdDSA`` and ``Ed25519`` are one scheme under two names: RFC 9864
+deprecates the first, which fixes no curve, in favour of the second, and meters'
+libraries speak one or the other.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from ingestd.errors import KeyFileError
 
-Alg = Literal["RS256", "PS256", "ES256", "EdDSA", "DS256"]
+Alg = Literal["RS256", "PS256", "ES256", "EdDSA", "Ed25519", "DS256"]
 ALGS: Final[tuple[Alg, ...]] = get_args(Alg)
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | dsa.DSAPublicKey
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | dsa.DSAPrivateKey
+
+# The two names of Ed25519 signatures (RFC 8037 and RFC 9864).
+ED25519_ALGS: Final = frozenset({"EdDSA", "Ed25519"})
 
 MIN_RSA_BITS: Final = 2048
 MIN_DSA_BITS: Final = 2048
@@ -88,7 +93,7 @@ def verify(alg: Alg, key: PublicKey, signature: bytes, signing_input: bytes) -> 
                 return False
             der = _rs_to_der(signature, _P256_BYTES)
             key.verify(der, signing_input, _ECDSA_SHA256)
-        elif alg == "EdDSA":
+        elif alg in ED25519_ALGS:
             if not isinstance(key, ed25519.Ed25519PublicKey):
                 return False
             key.verify(signature, signing_input)
@@ -120,7 +125,7 @@ def sign(alg: Alg, key: PrivateKey, signing_input: bytes) -> bytes:
     if alg == "ES256" and isinstance(key, ec.EllipticCurvePrivateKey):
         r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(_SHA256)))
         return r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")
-    if alg == "EdDSA" and isinstance(key, ed25519.Ed25519PrivateKey):
+    if alg in ED25519_ALGS and isinstance(key, ed25519.Ed25519PrivateKey):
         return key.sign(signing_input)
     if alg == "RS256" and isinstance(key, rsa.RSAPrivateKey):
         return key.sign(signing_input, padding.PKCS1v15(), _SHA256)
@@ -172,7 +177,7 @@ def alg_for_key(key: PrivateKey) -> Alg:
 def generate_private_key(alg: Alg) -> PrivateKey:
     if alg == "ES256":
         return ec.generate_private_key(ec.SECP256R1())
-    if alg == "EdDSA":
+    if alg in ED25519_ALGS:
         return ed25519.Ed25519PrivateKey.generate()
     if alg in {"RS256", "PS256"}:
         return rsa.generate_private_key(public_exponent=65537, key_size=MIN_RSA_BITS)
@@ -229,9 +234,9 @@ def check_key_for_alg(key: PublicKey, alg: Alg) -> None:
     elif alg == "ES256":
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
             raise KeyFileError(f"ES256 needs an EC P-256 key, got {_key_kind(key)}")
-    elif alg == "EdDSA":
+    elif alg in ED25519_ALGS:
         if not isinstance(key, ed25519.Ed25519PublicKey):
-            raise KeyFileError(f"EdDSA needs an Ed25519 key, got {_key_kind(key)}")
+            raise KeyFileError(f"{alg} needs an Ed25519 key, got {_key_kind(key)}")
     elif alg == "DS256":
         if not isinstance(key, dsa.DSAPublicKey):
             raise KeyFileError(f"DS256 needs a DSA key, got {_key_kind(key)}")

@@ -1,7 +1,7 @@
 """A fleet of virtual meters: the demo, the test driver and the benchmark driver.
 
-Each meter behaves as the firmware does: its own key (the fleet mixes all five
-algorithms), a sequence number per epoch kept across restarts, cumulative registers
+Each meter behaves as the firmware does: its own key (the fleet mixes every
+algorithm), a sequence number per epoch kept across restarts, cumulative registers
 that only grow, one reading per metering interval, occasional power events, and a
 flash store of what it sent (about 90 days on a real meter).
 """
@@ -483,7 +483,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default="SIM-", help="meter id prefix (default SIM-)")
     parser.add_argument("--per-site", type=int, default=10, metavar="N", help="meters per site (default 10)")
     parser.add_argument(
-        "--algs", default=",".join(ALGS), help="comma-separated algorithms to mix (default all five)"
+        "--algs", default=",".join(ALGS), help="comma-separated algorithms to mix (default all of them)"
     )
     parser.add_argument(
         "--event-rate",

@@ -73,6 +73,7 @@ def fleet() -> Fleet:
     plan: dict[str, tuple[Alg, str]] = {
         "es-1": ("ES256", "M1"),
         "ed-1": ("EdDSA", "M1"),
+        "ed-2": ("Ed25519", "M1"),
         "es-2": ("ES256", "M2"),
         "rs-1": ("RS256", "M1"),
         "ps-1": ("PS256", "M1"),
@@ -399,7 +400,16 @@ def test_revocation_is_judged_at_receipt_not_at_sent(fleet: Fleet) -> None:
 
 @pytest.mark.parametrize(
     ("kid", "claimed"),
-    [("es-1", "RS256"), ("es-1", "EdDSA"), ("es-1", "PS256"), ("ed-1", "ES256"), ("rs-1", "PS256")],
+    [
+        ("es-1", "RS256"),
+        ("es-1", "EdDSA"),
+        ("es-1", "PS256"),
+        ("ed-1", "ES256"),
+        ("rs-1", "PS256"),
+        # One scheme, two names: the header still names what the key was registered for.
+        ("ed-1", "Ed25519"),
+        ("ed-2", "EdDSA"),
+    ],
 )
 def test_alg_mismatch(fleet: Fleet, kid: str, claimed: Alg) -> None:
     # Algorithm confusion: the header claims another alg than the key was registered for.
@@ -946,15 +956,15 @@ def test_replay_flag(fleet: Fleet) -> None:
     assert message.replay is True
 
 
-@pytest.mark.parametrize("kid", ["es-1", "ed-1", "rs-1", "ps-1", "ds-1"])
+@pytest.mark.parametrize("kid", ["es-1", "ed-1", "ed-2", "rs-1", "ps-1", "ds-1"])
 def test_every_alg_is_accepted(fleet: Fleet, kid: str) -> None:
     message = check(jws(fleet.signers[kid], make_body()), fleet.lookup())
     assert message.kid == kid
     assert message.meter_id == "M1"
 
 
-def test_all_five_algs_are_covered(fleet: Fleet) -> None:
-    assert {fleet.keys[k].alg for k in ("es-1", "ed-1", "rs-1", "ps-1", "ds-1")} == set(ALGS)
+def test_every_alg_is_covered(fleet: Fleet) -> None:
+    assert {fleet.keys[k].alg for k in ("es-1", "ed-1", "ed-2", "rs-1", "ps-1", "ds-1")} == set(ALGS)
 
 
 def test_heartbeat_without_readings_or_events(fleet: Fleet) -> None:
