@@ -8,6 +8,7 @@ matters for security (nothing in the body is believed before the signature verif
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -1044,6 +1045,36 @@ def test_digest_ignores_member_order_and_whitespace() -> None:
         b' "sent": "2026-11-24T00:20:00Z", "seq": 1, "epoch": 0, "meter": "M1", "v": 1 }'
     )
     assert digest(one) == digest(two)
+
+
+def test_digest_covers_unknown_members_of_an_event() -> None:
+    """Dropped from the stored event, yet signed: a resend that changes one is other
+    content (seq_conflict), not a duplicate."""
+    plain = digest(make_body(events=[event()]))
+    tagged = digest(make_body(events=[event(firmware_note="a")]))
+    assert tagged != plain
+    assert digest(make_body(events=[event(firmware_note="b")])) != tagged
+    assert digest(make_body(events=[event(firmware_note="a")])) == tagged
+    # The event as stored is the same either way.
+    events = parse_body(orjson.dumps(make_body(events=[event(firmware_note="a")]))).events
+    assert (events[0].code, events[0].detail, events[0].unknown) == ("001", {}, {"firmware_note": "a"})
+
+
+def test_digest_of_events_without_unknown_members_is_unchanged() -> None:
+    # Messages stored before unknown event members counted must still match their resends.
+    assert digest(make_body()).hex() == (
+        hashlib.sha256(
+            b'[[["2026-11-24T00:15:00+00:00",1234567,0,null]],[["2026-11-24T00:14:10+00:00","001",{}]]]'
+        ).hexdigest()
+    )
+
+
+def test_unknown_event_members_nested_too_deep_are_bad_body() -> None:
+    deep: Any = 1
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(Rejected, match=r"events\[0\] nests deeper than 32 levels"):
+        parse_body(orjson.dumps(make_body(events=[event(x=deep)])))
 
 
 def test_digest_does_not_depend_on_meter_or_seq() -> None:
