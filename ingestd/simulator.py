@@ -25,7 +25,7 @@ import orjson
 import structlog
 from cryptography.hazmat.primitives.asymmetric import dsa
 
-from ingestd.config import Config
+from ingestd.config import MAX_REPLAY_RANGE, Config
 from ingestd.envelope import format_time, parse_envelope, parse_time
 from ingestd.errors import Rejected, UsageError
 from ingestd.gaps import headend_signer
@@ -56,7 +56,6 @@ COVER_CLOSED = "004"
 # retries included, anew with a new `req` and the time of sending.
 REQUEST_MAX_AGE = timedelta(minutes=15)
 REQUEST_MAX_AHEAD = timedelta(minutes=5)
-MAX_REQUEST_RANGE = 1000
 MAX_INT64 = 2**63 - 1
 
 
@@ -508,7 +507,7 @@ def _signed_request(
         not (type(epoch) is int and type(low) is int and type(high) is int)
         or not 0 <= epoch <= MAX_INT64
         or not 1 <= low <= high <= MAX_INT64
-        or high - low >= MAX_REQUEST_RANGE
+        or high - low >= MAX_REPLAY_RANGE
     ):
         return None
     sent = request.get("sent")

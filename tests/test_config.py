@@ -303,6 +303,8 @@ def test_wrong_type_in_the_env(name: str, value: str, key: str) -> None:
         ("[ingest]\nkey_refresh_s = inf\n", "ingest.key_refresh_s"),
         ("[ingest]\ndb_retry_initial_s = 5.0\ndb_retry_max_s = 1.0\n", "ingest.db_retry_max_s"),
         ("[database]\npool_size = 1\n", "database.pool_size"),
+        # More seqs than a meter must answer in one replay request (docs/protocol.md 9).
+        ("[gaps]\nmax_range = 1001\n", "gaps.max_range"),
         ("[mqtt]\nkeepalive_s = 1\n", "mqtt.keepalive_s"),
         ("[mqtt]\nsession_expiry_s = 4294967296\n", "mqtt.session_expiry_s"),
         ("[mqtt]\nclient_id = 'has space'\n", "mqtt.client_id"),
