@@ -166,12 +166,9 @@ def parse_envelope(payload: bytes) -> Header:
     protected, body64, sig64 = envelope["protected"], envelope["payload"], envelope["signature"]
     if not (isinstance(protected, str) and isinstance(body64, str) and isinstance(sig64, str)):
         raise Rejected("bad_envelope", "protected, payload and signature must be strings")
-    try:
-        header_raw = b64url_decode(protected)
-        body = b64url_decode(body64)
-        signature = b64url_decode(sig64)
-    except ValueError as exc:
-        raise Rejected("bad_envelope", f"bad base64url: {exc}") from None
+    header_raw = _member_b64url("protected", protected)
+    body = _member_b64url("payload", body64)
+    signature = _member_b64url("signature", sig64)
     try:
         header = orjson.loads(header_raw)
     except orjson.JSONDecodeError:
@@ -189,6 +186,14 @@ def parse_envelope(payload: bytes) -> Header:
         raise Rejected("bad_envelope", "kid must be 1-128 printable ASCII characters")
     signing_input = f"{protected}.{body64}".encode("ascii")
     return Header(alg, kid, signing_input, signature, body)
+
+
+def _member_b64url(name: str, value: str) -> bytes:
+    try:
+        return b64url_decode(value)
+    except ValueError as exc:
+        # Names the member and the rule: what a firmware engineer needs to fix it.
+        raise Rejected("bad_envelope", f"{name} is not strict base64url: {exc}") from None
 
 
 def check_message(

@@ -58,7 +58,10 @@ def b64url_encode(data: bytes) -> str:
 
 def b64url_decode(text: str | bytes) -> bytes:
     """Strict base64url without padding: anything else raises ValueError."""
-    raw = text.encode("ascii", "strict") if isinstance(text, str) else text
+    try:
+        raw = text.encode("ascii", "strict") if isinstance(text, str) else text
+    except UnicodeEncodeError:
+        raise ValueError("it has a character outside A-Z a-z 0-9 - _ (non-ASCII)") from None
     # The stdlib decoder skips stray characters; JWS must not (two encodings of one
     # payload would let an attacker vary the bytes we store under one signature).
     # Three per message: this is the fast equivalent of a pattern match, decoding and
@@ -66,14 +69,16 @@ def b64url_decode(text: str | bytes) -> bytes:
     # as it refuses anything else outside the alphabet.
     size = len(raw)
     if size % 4 == 1:
-        raise ValueError("not base64url without padding")
+        raise ValueError("its length is 1 more than a multiple of 4, which no encoding has")
     try:
         decoded = binascii.a2b_base64(raw.translate(_B64URL_TO_STD) + _PADDING[size % 4], strict_mode=True)
     except binascii.Error:
-        raise ValueError("not base64url without padding") from None
+        raise ValueError(
+            "it has a character outside A-Z a-z 0-9 - _ (no padding, white space or + /)"
+        ) from None
     # Canonical: the bits of the last character that carry no data must be zero.
     if size % 4 and _B64URL_VALUE[raw[-1]] & _STRAY_BITS[size % 4]:
-        raise ValueError("non-canonical base64url (stray bits in the last character)")
+        raise ValueError("its last character has non-zero unused bits (not canonical)")
     return decoded
 
 
