@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--kid", help="the kid the key is registered under (default: the header's)")
     check.add_argument(
+        "--meter",
+        metavar="ID",
+        help="the meter the key is registered to (default: the topic's, else the body's)",
+    )
+    check.add_argument(
         "--topic", metavar="T", help="the topic it is published on (default: {prefix}/{meter}/up)"
     )
     check.add_argument(
@@ -384,10 +389,12 @@ def _cmd_check_message(config: Config, args: argparse.Namespace) -> int:
 
     payload = sys.stdin.buffer.read() if args.file == "-" else _read_file(args.file, "FILE")
     registration = conformance.Registration(
-        _read_file(args.key, "--key"), args.alg, args.kid, args.valid_from, args.valid_until
+        _read_file(args.key, "--key"), args.alg, args.kid, args.meter, args.valid_from, args.valid_until
     )
     if args.kid is not None and not KID.fullmatch(args.kid):
         raise UsageError(f"--kid {args.kid!r} must be 1-128 printable ASCII characters, no spaces")
+    if args.meter is not None and not METER_ID.fullmatch(args.meter):
+        raise UsageError(f"--meter {args.meter!r} must match [A-Za-z0-9_-]{{1,64}}")
     if args.valid_from and args.valid_until and args.valid_until <= args.valid_from:
         raise UsageError("--valid-until must be later than --valid-from")
     try:

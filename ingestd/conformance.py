@@ -38,11 +38,12 @@ RULES: Final[dict[RejectReason, str]] = {
 @dataclass(frozen=True, slots=True)
 class Registration:
     """The key as the operator would register it (``ingestd meter add``). None: as the
-    message says (its header's kid and alg, its body's meter)."""
+    message says (its header's kid and alg; the topic's meter, else the body's)."""
 
     pem: bytes
     alg: Alg | None = None
     kid: str | None = None
+    meter: str | None = None
     valid_from: datetime | None = None
     valid_until: datetime | None = None
 
@@ -69,7 +70,8 @@ def check_offline(
     claimed = _claims(payload)
     alg = registration.alg or _alg_for(registration.pem, claimed.alg)
     public = load_public_key(registration.pem, alg)
-    meter = (topic_meter(topic, topic_prefix) if topic is not None else None) or claimed.meter or ""
+    topic_owner = topic_meter(topic, topic_prefix) if topic is not None else None
+    meter = registration.meter or topic_owner or claimed.meter or ""
     kid = registration.kid or claimed.kid or ""
     key = MeterKey(kid, meter, alg, public, registration.valid_from, registration.valid_until)
     return check_message(
