@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import aiomqtt
 import asyncpg
 import orjson
 import pytest
@@ -107,10 +108,24 @@ async def test_every_vector_through_the_daemon(config: Config, store: Store, db:
             changed = [k for k in after if after[k] != before[k]]
             expected = vector["reason"] if vector["verdict"] == "rejected" else vector["verdict"]
             assert changed == [expected], vector["name"]
+        # An uplink at QoS 0 is taken like one at QoS 1 (docs/protocol.md section 1), only
+        # without a delivery guarantee.
+        qos0 = Signer(
+            "ES256", "VEC-ES256-k1", load_private_key((ROOT / "keys/es256.private.pem").read_bytes())
+        )
+        body = {"v": 1, "meter": "VEC-ES256", "epoch": 0, "seq": 20, "sent": "2026-11-24T00:59:00Z"}
+        at_qos0 = qos0.sign_body(orjson.dumps(body))
+        async with aiomqtt.Client(config.mqtt.host, config.mqtt.port, identifier="vec-qos0") as client:
+            await client.publish("meters/VEC-ES256/up", at_qos0, qos=0)
+        await wait_settled(registry, len(VECTORS) + 1)
+        assert metric(registry, "ingestd_messages_accepted_total") == 1 + sum(
+            v["verdict"] == "accepted" for v in VECTORS
+        )
+        assert await db.fetchval("SELECT count(*) FROM message_seqs WHERE seq = 20") == 1
     # What was accepted is stored byte for byte; what was rejected is in the quarantine.
     stored = {bytes(r["payload"]) for r in await db.fetch("SELECT payload FROM raw_messages")}
     accepted = {(ROOT / v["file"]).read_bytes() for v in VECTORS if v["verdict"] == "accepted"}
-    assert stored == accepted
+    assert stored == accepted | {at_qos0}
     reasons = sorted(r["reason"] for r in await db.fetch("SELECT reason FROM quarantine"))
     assert reasons == sorted(v["reason"] for v in VECTORS if v["verdict"] == "rejected")
 
