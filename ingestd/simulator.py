@@ -414,6 +414,10 @@ class Fleet:
             payload = message.payload
             if meter is None or not isinstance(payload, bytes):
                 continue
+            if message.retain:
+                # The head-end never retains a request (docs/protocol.md section 9).
+                self.stats.forged_requests += 1
+                continue
             now = datetime.now(UTC)
             if not self.online(meter, now):
                 self.stats.unreachable_requests += 1
