@@ -4,6 +4,8 @@ only when genuine, fresh and new, and only for seqs the meter created."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -14,6 +16,7 @@ import aiomqtt
 import orjson
 from test_gaps import CFG, T0, Outbox, accept, requester, write
 
+from helpers import wait_until
 from ingestd.config import DatabaseConfig
 from ingestd.gaps import replay_request
 from ingestd.signature import Signer, generate_private_key
@@ -205,3 +208,25 @@ async def test_head_end_retries_are_fresh_requests_the_meter_answers(
     assert isinstance(answered_retry, dict)
     assert answered_first["req"] != answered_retry["req"]
     assert check(meter, first, now[0] + timedelta(seconds=2)) == "stale"
+
+
+async def test_a_retained_request_is_ignored(broker: MosquittoServer, key_factory: KeyFactory) -> None:
+    """The head-end never retains a request: a retained one, even genuinely signed, is
+    ignored; the same request published normally is taken."""
+    meters = build_fleet(1, algs=("EdDSA",), keys=key_factory)
+    topic = f"meters/{meters[0].meter_id}/down/replay"
+    now = datetime.now(UTC)
+    async with aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5) as head:
+        await head.publish(topic, request_payload(meters[0].meter_id, sent=now), qos=1, retain=True)
+        async with aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+            fleet = Fleet(client, meters, topic_prefix="meters", headend=provisioned(HEADEND))
+            serving = asyncio.create_task(fleet.serve_replays())
+            try:
+                await wait_until(lambda: fleet.stats.forged_requests == 1, what="the retained request")
+                await head.publish(topic, request_payload(meters[0].meter_id, sent=now), qos=1)
+                await wait_until(lambda: fleet.stats.requests == 1, what="the request")
+            finally:
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+    assert fleet.stats.forged_requests == 1
