@@ -268,6 +268,32 @@ def build() -> Vectors:
         verdict="accepted",
         rule="no readings, no events, replay absent: a heartbeat (section 4)",
     )
+    req = str(uuid.uuid5(uuid.NAMESPACE_URL, "ingestd-vectors/accept-two-010-events"))
+    v.add(
+        "accept-two-010-events",
+        signed(
+            es,
+            body(
+                "VEC-ES256",
+                13,
+                sent="2026-11-24T00:50:00Z",
+                readings=[],
+                events=[
+                    {
+                        "t": "2026-11-24T00:50:00Z",
+                        "code": "010",
+                        "detail": {"req": req, "epoch": 0, "from_seq": a, "to_seq": b},
+                    }
+                    for a, b in ((1, 1), (3, 4))
+                ],
+            ),
+        ),
+        registration=es.kid,
+        topic_meter="VEC-ES256",
+        verdict="accepted",
+        rule="an answer to a replay request: one new message, one event 010 per missing part, "
+        "written at the same instant (section 9)",
+    )
     v.add(
         "accept-size-65536",
         padded_to(es, "VEC-ES256", 5, MAX_PAYLOAD),
