@@ -266,7 +266,9 @@ def test_bad_base64url(fleet: Fleet, member: str, spoil: Any) -> None:
     parts[member] = spoil(parts[member])
     exc = rejected(orjson.dumps(parts), fleet.lookup())
     assert exc.reason == "bad_envelope"
-    assert "base64url" in exc.detail
+    # The member and the rule, for whoever has to fix the encoder (a newline or a
+    # non-ASCII character is written as a JSON escape, refused before any decoding).
+    assert exc.detail.startswith((f"{member} is not strict base64url: ", "escape sequences are not allowed"))
 
 
 def test_non_canonical_base64url_last_character(fleet: Fleet) -> None:
@@ -276,7 +278,9 @@ def test_non_canonical_base64url_last_character(fleet: Fleet) -> None:
     parts["signature"] = "QR"
     exc = rejected(orjson.dumps(parts), fleet.lookup())
     assert exc.reason == "bad_envelope"
-    assert "base64url" in exc.detail
+    assert exc.detail == (
+        "signature is not strict base64url: its last character has non-zero unused bits (not canonical)"
+    )
 
 
 @pytest.mark.parametrize(
