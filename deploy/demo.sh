@@ -65,7 +65,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 cat <<INFO
-ingestd demo: $DEMO_METERS simulated meters (all five signature algorithms), one message each every ${DEMO_INTERVAL}s
+ingestd demo: $DEMO_METERS simulated meters (every signature algorithm), one message each every ${DEMO_INTERVAL}s
   metrics    http://127.0.0.1:9108/metrics
   database   psql "postgresql://ingestd_demo@127.0.0.1:5432/ingestd_demo"  (password in $STATE/db-password)
   logs       $STATE/ingestd.log, $STATE/simulator.log

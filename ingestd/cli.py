@@ -12,7 +12,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,8 +21,8 @@ import structlog
 
 from ingestd.config import Config, load_config
 from ingestd.envelope import KID, METER_ID, parse_time
-from ingestd.errors import IngestdError, KeyFileError, UsageError
-from ingestd.files import KEY_FILE_MAX, read_bounded
+from ingestd.errors import IngestdError, KeyFileError, Rejected, UsageError
+from ingestd.files import KEY_FILE_MAX, MESSAGE_FILE_MAX, read_bounded
 from ingestd.logs import configure_logging
 from ingestd.signature import (
     ALGS,
@@ -141,6 +141,38 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--site", help="only meters of this site")
     status.add_argument("--flag", choices=("ok", "gray", "red", "never"), help="only meters with this flag")
     status.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
+    check = commands.add_parser(
+        "check-message",
+        parents=[common],
+        help="would ingestd accept this message? (no database, no broker; for firmware teams)",
+        description="Runs the head-end's checks on one message with one public key, as if the key "
+        "were registered: exit 0 accepted, 1 rejected (the reason and the rule of docs/protocol.md it "
+        "broke are printed), 2 bad input. Duplicates and seq_conflict need the stored messages and are "
+        "not checked.",
+    )
+    check.add_argument("file", metavar="FILE", help="the MQTT payload, byte for byte ('-': standard input)")
+    check.add_argument("--key", required=True, metavar="PUBLIC.pem", help="the meter's public key (PEM)")
+    check.add_argument(
+        "--alg", choices=ALGS, help="the algorithm the key is registered with (default: the header's)"
+    )
+    check.add_argument("--kid", help="the kid the key is registered under (default: the header's)")
+    check.add_argument(
+        "--meter",
+        metavar="ID",
+        help="the meter the key is registered to (default: the topic's, else the body's)",
+    )
+    check.add_argument(
+        "--topic", metavar="T", help="the topic it is published on (default: {prefix}/{meter}/up)"
+    )
+    check.add_argument(
+        "--received-at",
+        type=_timestamp,
+        metavar="TIME",
+        help="RFC 3339 receive time to assume (default now)",
+    )
+    check.add_argument("--valid-from", type=_timestamp, metavar="TIME", help="the key's valid_from")
+    check.add_argument("--valid-until", type=_timestamp, metavar="TIME", help="the key's valid_until")
 
     simulate = commands.add_parser(
         "simulate", parents=[common], help="run a fleet of virtual meters (demo, tests, benchmarks)"
@@ -382,6 +414,47 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     return _run_async(go)
 
 
+def _cmd_check_message(config: Config, args: argparse.Namespace) -> int:
+    from ingestd import conformance  # noqa: PLC0415 - only `check-message` needs it
+
+    if args.file == "-":
+        payload = sys.stdin.buffer.read(MESSAGE_FILE_MAX + 1)
+        if len(payload) > MESSAGE_FILE_MAX:
+            raise UsageError(f"FILE -: more than {MESSAGE_FILE_MAX} bytes on standard input")
+    else:
+        payload = read_bounded(args.file, "FILE", MESSAGE_FILE_MAX)
+    registration = conformance.Registration(
+        read_bounded(args.key, "--key", KEY_FILE_MAX),
+        args.alg,
+        args.kid,
+        args.meter,
+        args.valid_from,
+        args.valid_until,
+    )
+    if args.kid is not None and not KID.fullmatch(args.kid):
+        raise UsageError(f"--kid {args.kid!r} must be 1-128 printable ASCII characters, no spaces")
+    if args.meter is not None and not METER_ID.fullmatch(args.meter):
+        raise UsageError(f"--meter {args.meter!r} must match [A-Za-z0-9_-]{{1,64}}")
+    if args.valid_from and args.valid_until and args.valid_until <= args.valid_from:
+        raise UsageError("--valid-until must be later than --valid-from")
+    try:
+        message = conformance.check_offline(
+            payload,
+            registration,
+            topic=args.topic,
+            received_at=args.received_at or datetime.now(UTC),
+            topic_prefix=config.mqtt.topic_prefix,
+            max_clock_skew=timedelta(seconds=config.ingest.max_clock_skew_s),
+        )
+    except KeyFileError as exc:
+        raise KeyFileError(f"--key {args.key}: {exc}") from None
+    except Rejected as exc:
+        print("\n".join(conformance.rejected_lines(exc)))
+        return EXIT_FAILURE
+    print(conformance.accepted_line(message))
+    return EXIT_OK
+
+
 def _cmd_simulate(config: Config, args: argparse.Namespace) -> int:
     from ingestd.simulator import run_from_args  # noqa: PLC0415 - only `simulate` needs it
 
@@ -395,6 +468,7 @@ _HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "keygen": _cmd_keygen,
     "gaps": _cmd_gaps,
     "simulate": _cmd_simulate,
+    "check-message": _cmd_check_message,
     "status": _cmd_status,
 }
 

@@ -24,6 +24,8 @@ ENV_PREFIX = "INGESTD_"
 CONFIG_ENV = "INGESTD_CONFIG"
 _TOPIC_PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# The most seqs a meter must answer in one replay request (docs/protocol.md section 9).
+MAX_REPLAY_RANGE = 1000
 # Settings renamed since a release: an old file gets told the new name, not just "unknown".
 _RENAMED: typing.Final = {"ingest.verify_threads": "ingest.verify_workers"}
 
@@ -138,7 +140,8 @@ class IngestConfig:
 class GapsConfig:
     # A gap is acted on only after this long: out-of-order arrival is normal.
     grace_s: float = 60.0
-    # Seqs per replay request; a longer outage becomes several requests.
+    # Seqs per replay request; a longer outage becomes several requests. At most 1,000:
+    # the most a meter must answer in one request (docs/protocol.md section 9).
     max_range: int = 1000
     # Unanswered requests are repeated after retry_initial_s, doubling up to retry_max_s.
     retry_initial_s: float = 60.0
@@ -160,7 +163,7 @@ class GapsConfig:
 
     def validate(self) -> None:
         _require_range("gaps.grace_s", self.grace_s, 0, 86400)
-        _require_range("gaps.max_range", self.max_range, 1, 1_000_000)
+        _require_range("gaps.max_range", self.max_range, 1, MAX_REPLAY_RANGE)
         _require_range("gaps.retry_initial_s", self.retry_initial_s, 0.01, 86400)
         _require_range("gaps.retry_max_s", self.retry_max_s, self.retry_initial_s, 30 * 86400)
         _require_range("gaps.retention_days", self.retention_days, 0.001, 3650)

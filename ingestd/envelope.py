@@ -48,6 +48,7 @@ _HEADER_KEYS: Final = frozenset({"alg", "kid"})
 _ENVELOPE_KEYS: Final = frozenset({"protected", "payload", "signature"})
 _ENVELOPE_NAMES: Final = (b'"protected"', b'"payload"', b'"signature"')
 _READING_KEYS: Final = frozenset({"t", "import_wh", "export_wh"})
+_EVENT_KEYS: Final = frozenset({"t", "code", "detail"})
 # One JSON string, and the colon after it when there is one (when the string names a member).
 _STRING_THEN_COLON: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(?:[ \t\n\r]*(:))?')
 
@@ -94,6 +95,10 @@ class Event:
     time: datetime
     code: str
     detail: dict[str, Any]
+    # Members of the event object beyond t, code and detail: not stored with the event,
+    # but signed content all the same, so part of the digest (a resend that changes one
+    # is a seq_conflict, as for a reading's extra fields).
+    unknown: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,12 +168,9 @@ def parse_envelope(payload: bytes) -> Header:
     protected, body64, sig64 = envelope["protected"], envelope["payload"], envelope["signature"]
     if not (isinstance(protected, str) and isinstance(body64, str) and isinstance(sig64, str)):
         raise Rejected("bad_envelope", "protected, payload and signature must be strings")
-    try:
-        header_raw = b64url_decode(protected)
-        body = b64url_decode(body64)
-        signature = b64url_decode(sig64)
-    except ValueError as exc:
-        raise Rejected("bad_envelope", f"bad base64url: {exc}") from None
+    header_raw = _member_b64url("protected", protected)
+    body = _member_b64url("payload", body64)
+    signature = _member_b64url("signature", sig64)
     try:
         header = orjson.loads(header_raw)
     except orjson.JSONDecodeError:
@@ -186,6 +188,14 @@ def parse_envelope(payload: bytes) -> Header:
         raise Rejected("bad_envelope", "kid must be 1-128 printable ASCII characters")
     signing_input = f"{protected}.{body64}".encode("ascii")
     return Header(alg, kid, signing_input, signature, body)
+
+
+def _member_b64url(name: str, value: str) -> bytes:
+    try:
+        return b64url_decode(value)
+    except ValueError as exc:
+        # Names the member and the rule: what a firmware engineer needs to fix it.
+        raise Rejected("bad_envelope", f"{name} is not strict base64url: {exc}") from None
 
 
 def check_message(
@@ -339,7 +349,14 @@ def content_digest(readings: Sequence[Reading], events: Sequence[Event]) -> byte
     canonical = orjson.dumps(
         [
             [[r.time.isoformat(), r.import_wh, r.export_wh, r.extra] for r in readings],
-            [[e.time.isoformat(), e.code, e.detail] for e in events],
+            # An event without unknown members keeps the digest it had before they counted,
+            # so that resends of messages stored earlier are still duplicates.
+            [
+                [e.time.isoformat(), e.code, e.detail]
+                if e.unknown is None
+                else [e.time.isoformat(), e.code, e.detail, e.unknown]
+                for e in events
+            ],
         ],
         option=orjson.OPT_SORT_KEYS,
     )
@@ -405,7 +422,10 @@ def _event(index: int, raw: object) -> Event:
         raise Rejected("bad_body", f"events[{index}].detail must be an object")
     if _too_deep(detail, MAX_DEPTH):
         raise Rejected("bad_body", f"events[{index}].detail nests deeper than {MAX_DEPTH} levels")
-    return Event(time, code, detail)
+    unknown = {k: v for k, v in raw.items() if k not in _EVENT_KEYS} or None
+    if unknown is not None and _too_deep(unknown, MAX_DEPTH):
+        raise Rejected("bad_body", f"events[{index}] nests deeper than {MAX_DEPTH} levels")
+    return Event(time, code, detail, unknown)
 
 
 def _repeats_a_name(raw: bytes, body: dict[str, Any]) -> bool:

@@ -25,6 +25,9 @@ KEY_FILE_MAX: Final = 64 * KIB
 SECRET_FILE_MAX: Final = 4 * KIB
 # The example configuration, with every comment, is about 10 KiB.
 CONFIG_FILE_MAX: Final = 1024 * KIB
+# A message to check (`ingestd check-message`): well past the envelope's 64 KiB, so that
+# an oversized one is judged (too_large) rather than refused as input.
+MESSAGE_FILE_MAX: Final = 1024 * KIB
 
 _KINDS: Final = (
     (stat.S_ISDIR, "a directory"),

@@ -1,8 +1,10 @@
-"""JWS signatures (RFC 7515, flattened JSON serialization) for the five meter algorithms.
+"""JWS signatures (RFC 7515, flattened JSON serialization) for the meter algorithms.
 
 Signatures travel in JWS form: ECDSA and DSA as the fixed-width concatenation r||s,
 not DER. Keys are checked when they are loaded, so that a weak key never gets as far
-as the key table.
+as the key table. ``EdDSA`` and ``Ed25519`` are one scheme under two names: RFC 9864
+deprecates the first, which fixes no curve, in favour of the second, and meters'
+libraries speak one or the other.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from ingestd.errors import KeyFileError
 
-Alg = Literal["RS256", "PS256", "ES256", "EdDSA", "DS256"]
+Alg = Literal["RS256", "PS256", "ES256", "EdDSA", "Ed25519", "DS256"]
 ALGS: Final[tuple[Alg, ...]] = get_args(Alg)
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | dsa.DSAPublicKey
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | dsa.DSAPrivateKey
+
+# The two names of Ed25519 signatures (RFC 8037 and RFC 9864).
+ED25519_ALGS: Final = frozenset({"EdDSA", "Ed25519"})
 
 MIN_RSA_BITS: Final = 2048
 MIN_DSA_BITS: Final = 2048
@@ -53,7 +58,10 @@ def b64url_encode(data: bytes) -> str:
 
 def b64url_decode(text: str | bytes) -> bytes:
     """Strict base64url without padding: anything else raises ValueError."""
-    raw = text.encode("ascii", "strict") if isinstance(text, str) else text
+    try:
+        raw = text.encode("ascii", "strict") if isinstance(text, str) else text
+    except UnicodeEncodeError:
+        raise ValueError("it has a character outside A-Z a-z 0-9 - _ (non-ASCII)") from None
     # The stdlib decoder skips stray characters; JWS must not (two encodings of one
     # payload would let an attacker vary the bytes we store under one signature).
     # Three per message: this is the fast equivalent of a pattern match, decoding and
@@ -61,14 +69,16 @@ def b64url_decode(text: str | bytes) -> bytes:
     # as it refuses anything else outside the alphabet.
     size = len(raw)
     if size % 4 == 1:
-        raise ValueError("not base64url without padding")
+        raise ValueError("its length is 1 more than a multiple of 4, which no encoding has")
     try:
         decoded = binascii.a2b_base64(raw.translate(_B64URL_TO_STD) + _PADDING[size % 4], strict_mode=True)
     except binascii.Error:
-        raise ValueError("not base64url without padding") from None
+        raise ValueError(
+            "it has a character outside A-Z a-z 0-9 - _ (no padding, white space or + /)"
+        ) from None
     # Canonical: the bits of the last character that carry no data must be zero.
     if size % 4 and _B64URL_VALUE[raw[-1]] & _STRAY_BITS[size % 4]:
-        raise ValueError("non-canonical base64url (stray bits in the last character)")
+        raise ValueError("its last character has non-zero unused bits (not canonical)")
     return decoded
 
 
@@ -88,7 +98,7 @@ def verify(alg: Alg, key: PublicKey, signature: bytes, signing_input: bytes) -> 
                 return False
             der = _rs_to_der(signature, _P256_BYTES)
             key.verify(der, signing_input, _ECDSA_SHA256)
-        elif alg == "EdDSA":
+        elif alg in ED25519_ALGS:
             if not isinstance(key, ed25519.Ed25519PublicKey):
                 return False
             key.verify(signature, signing_input)
@@ -120,7 +130,7 @@ def sign(alg: Alg, key: PrivateKey, signing_input: bytes) -> bytes:
     if alg == "ES256" and isinstance(key, ec.EllipticCurvePrivateKey):
         r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(_SHA256)))
         return r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")
-    if alg == "EdDSA" and isinstance(key, ed25519.Ed25519PrivateKey):
+    if alg in ED25519_ALGS and isinstance(key, ed25519.Ed25519PrivateKey):
         return key.sign(signing_input)
     if alg == "RS256" and isinstance(key, rsa.RSAPrivateKey):
         return key.sign(signing_input, padding.PKCS1v15(), _SHA256)
@@ -172,7 +182,7 @@ def alg_for_key(key: PrivateKey) -> Alg:
 def generate_private_key(alg: Alg) -> PrivateKey:
     if alg == "ES256":
         return ec.generate_private_key(ec.SECP256R1())
-    if alg == "EdDSA":
+    if alg in ED25519_ALGS:
         return ed25519.Ed25519PrivateKey.generate()
     if alg in {"RS256", "PS256"}:
         return rsa.generate_private_key(public_exponent=65537, key_size=MIN_RSA_BITS)
@@ -229,9 +239,9 @@ def check_key_for_alg(key: PublicKey, alg: Alg) -> None:
     elif alg == "ES256":
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
             raise KeyFileError(f"ES256 needs an EC P-256 key, got {_key_kind(key)}")
-    elif alg == "EdDSA":
+    elif alg in ED25519_ALGS:
         if not isinstance(key, ed25519.Ed25519PublicKey):
-            raise KeyFileError(f"EdDSA needs an Ed25519 key, got {_key_kind(key)}")
+            raise KeyFileError(f"{alg} needs an Ed25519 key, got {_key_kind(key)}")
     elif alg == "DS256":
         if not isinstance(key, dsa.DSAPublicKey):
             raise KeyFileError(f"DS256 needs a DSA key, got {_key_kind(key)}")

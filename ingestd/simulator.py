@@ -1,7 +1,7 @@
 """A fleet of virtual meters: the demo, the test driver and the benchmark driver.
 
-Each meter behaves as the firmware does: its own key (the fleet mixes all five
-algorithms), a sequence number per epoch kept across restarts, cumulative registers
+Each meter behaves as the firmware does: its own key (the fleet mixes every
+algorithm), a sequence number per epoch kept across restarts, cumulative registers
 that only grow, one reading per metering interval, occasional power events, and a
 flash store of what it sent (about 90 days on a real meter).
 """
@@ -25,8 +25,8 @@ import orjson
 import structlog
 from cryptography.hazmat.primitives.asymmetric import dsa
 
-from ingestd.config import Config
-from ingestd.envelope import format_time, parse_envelope
+from ingestd.config import MAX_REPLAY_RANGE, Config
+from ingestd.envelope import format_time, parse_envelope, parse_time
 from ingestd.errors import Rejected, UsageError
 from ingestd.gaps import headend_signer
 from ingestd.signature import (
@@ -50,6 +50,13 @@ POWER_RESTORED = "002"
 REPLAY_UNAVAILABLE = "010"
 COVER_OPENED = "003"
 COVER_CLOSED = "004"
+# docs/protocol.md section 9: a meter answers a replay request only while its `sent` is
+# this fresh by the meter's clock (a captured request re-published later would drain its
+# battery and airtime), and at most once per `req`; the head-end signs every request,
+# retries included, anew with a new `req` and the time of sending.
+REQUEST_MAX_AGE = timedelta(minutes=15)
+REQUEST_MAX_AHEAD = timedelta(minutes=5)
+MAX_INT64 = 2**63 - 1
 
 
 @dataclass(slots=True)
@@ -72,6 +79,12 @@ class VirtualMeter:
     offline_until: datetime | None = None
     # What the meter created, by (epoch, seq): when, and the body (signed anew when sent).
     flash: dict[tuple[int, int], tuple[datetime, dict[str, Any]]] = field(default_factory=dict)
+    # The last seq of each earlier epoch this meter remembers: it answers 010 only for
+    # seqs it knows it created.
+    last_seqs: dict[int, int] = field(default_factory=dict)
+    # Replay requests answered, by req, with their `sent`: each is answered once. Older
+    # than REQUEST_MAX_AGE they would be refused anyway, so they are forgotten then.
+    answered: dict[str, datetime] = field(default_factory=dict)
 
     def next_body(self, now: datetime, rng: random.Random, *, event_rate: float = 0.0) -> dict[str, Any]:
         """The next uplink body, kept in flash: one reading for the interval that just ended."""
@@ -113,6 +126,7 @@ class VirtualMeter:
 
     def reset_epoch(self) -> None:
         """A firmware reset: the sequence state is gone; a new epoch starts at seq 1."""
+        self.last_seqs[self.epoch] = self.seq
         self.epoch += 1
         self.seq = 0
 
@@ -125,9 +139,14 @@ class VirtualMeter:
     ) -> list[dict[str, Any]]:
         """The bodies that answer a replay request: each stored message of the range again
         (``replay`` true, ``sent`` now), and for what is not in flash one new message with
-        event 010 per missing range. ``forget`` drops that share of the range from flash
-        first (fault injection: answered with 010)."""
+        event 010 per missing range. Seqs it never created (beyond the last of their epoch,
+        or of an epoch it has no record of) get no answer at all. ``forget`` drops that
+        share of the range from flash first (fault injection: answered with 010)."""
         epoch, low, high = request["epoch"], request["from_seq"], request["to_seq"]
+        last = self.seq if epoch == self.epoch else self.last_seqs.get(epoch)
+        if last is None:
+            return []
+        high = min(high, last)
         if forget and rng is not None and rng.random() < forget:
             for seq in range(low, high + 1):
                 self.flash.pop((epoch, seq), None)
@@ -290,6 +309,9 @@ class FleetStats:
     replayed: int = 0
     requests: int = 0
     forged_requests: int = 0
+    # Genuine requests refused: too old or from the future by the meter's clock, or
+    # answered already (the same req again).
+    stale_requests: int = 0
     # Requests that reached a meter while it was offline (it never saw them).
     unreachable_requests: int = 0
     resets: int = 0
@@ -328,7 +350,7 @@ class Fleet:
         meters: Sequence[VirtualMeter],
         *,
         topic_prefix: str,
-        headend: HeadendKey | None,
+        headend: HeadendKey | Sequence[HeadendKey] | None,
         faults: Faults = Faults(),
         seed: int = 1,
         retention: timedelta = timedelta(days=90),
@@ -337,7 +359,10 @@ class Fleet:
         self.client = client
         self.meters = {m.meter_id: m for m in meters}
         self.prefix = topic_prefix
-        self.headend = headend
+        # Meters hold up to two head-end keys, so that the head-end's key can be rotated.
+        self.headend: tuple[HeadendKey, ...] = (
+            () if headend is None else (headend,) if isinstance(headend, HeadendKey) else tuple(headend)
+        )
         self.faults = faults
         self.retention = retention
         self.stats = stats or FleetStats()
@@ -389,14 +414,21 @@ class Fleet:
             payload = message.payload
             if meter is None or not isinstance(payload, bytes):
                 continue
+            if message.retain:
+                # The head-end never retains a request (docs/protocol.md section 9).
+                self.stats.forged_requests += 1
+                continue
             now = datetime.now(UTC)
             if not self.online(meter, now):
                 self.stats.unreachable_requests += 1
                 continue
-            request = self.verify_request(meter, payload)
-            if request is None:
-                self.stats.forged_requests += 1
-                log.warning("replay_request_refused", meter=meter.meter_id)
+            request = self.verify_request(meter, payload, now)
+            if not isinstance(request, dict):
+                if request == "forged":
+                    self.stats.forged_requests += 1
+                else:
+                    self.stats.stale_requests += 1
+                log.warning("replay_request_refused", meter=meter.meter_id, why=request)
                 continue
             self.stats.requests += 1
             self.stats.request_log.append(
@@ -405,31 +437,8 @@ class Fleet:
             for body in meter.answer_replay(request, now, forget=self.faults.forget, rng=self.rng):
                 await self.send(meter, body)
 
-    def verify_request(self, meter: VirtualMeter, payload: bytes) -> dict[str, Any] | None:
-        """The request if the head-end signed it for this meter; None otherwise."""
-        if self.headend is None:
-            return None
-        try:
-            header = parse_envelope(payload)
-            request = orjson.loads(header.body)
-        except (Rejected, orjson.JSONDecodeError):
-            return None
-        if (
-            header.kid != self.headend.kid
-            or header.alg != self.headend.alg
-            or not verify(header.alg, self.headend.key, header.signature, header.signing_input)
-            or not isinstance(request, dict)
-            or request.get("v") != 1
-            or request.get("meter") != meter.meter_id
-        ):
-            return None
-        epoch, low, high = request.get("epoch"), request.get("from_seq"), request.get("to_seq")
-        if (
-            not (isinstance(epoch, int) and isinstance(low, int) and isinstance(high, int))
-            or not 1 <= low <= high
-        ):
-            return None
-        return request
+    def verify_request(self, meter: VirtualMeter, payload: bytes, now: datetime) -> dict[str, Any] | str:
+        return check_request(self.headend, meter, payload, now)
 
     async def run(self, *, count: int, interval_s: float, event_rate: float, stop: asyncio.Event) -> None:
         """Each meter ticks every ``interval_s`` (staggered), ``count`` times (0: until stopped)."""
@@ -454,6 +463,65 @@ class Fleet:
         async with asyncio.TaskGroup() as tg:
             for i, meter in enumerate(meters):
                 tg.create_task(meter_loop(meter, interval_s * i / max(1, len(meters))), name=meter.meter_id)
+
+
+def check_request(
+    headend: Sequence[HeadendKey], meter: VirtualMeter, payload: bytes, now: datetime
+) -> dict[str, Any] | str:
+    """The request if the head-end signed it for this meter, it is fresh and not yet
+    answered (it is then recorded as answered); otherwise why not: "forged" (or
+    malformed), "stale" (``sent`` too old or ahead of ``now``) or "answered"."""
+    request = _signed_request(headend, meter, payload)
+    if request is None:
+        return "forged"
+    sent = parse_time(request["sent"])
+    if now - sent > REQUEST_MAX_AGE or sent - now > REQUEST_MAX_AHEAD:
+        return "stale"
+    for req, when in list(meter.answered.items()):
+        if now - when > REQUEST_MAX_AGE:
+            del meter.answered[req]
+    if request["req"] in meter.answered:
+        return "answered"
+    meter.answered[request["req"]] = sent
+    return request
+
+
+def _signed_request(
+    headend: Sequence[HeadendKey], meter: VirtualMeter, payload: bytes
+) -> dict[str, Any] | None:
+    try:
+        header = parse_envelope(payload)
+        request = orjson.loads(header.body)
+    except (Rejected, orjson.JSONDecodeError):
+        return None
+    key = next((k for k in headend if k.kid == header.kid), None)
+    if (
+        key is None
+        or header.alg != key.alg
+        or not verify(header.alg, key.key, header.signature, header.signing_input)
+        or not isinstance(request, dict)
+        or type(request.get("v")) is not int
+        or request["v"] != 1
+        or request.get("meter") != meter.meter_id
+        or not isinstance(request.get("req"), str)
+    ):
+        return None
+    epoch, low, high = request.get("epoch"), request.get("from_seq"), request.get("to_seq")
+    if (
+        not (type(epoch) is int and type(low) is int and type(high) is int)
+        or not 0 <= epoch <= MAX_INT64
+        or not 1 <= low <= high <= MAX_INT64
+        or high - low >= MAX_REPLAY_RANGE
+    ):
+        return None
+    sent = request.get("sent")
+    try:
+        if not isinstance(sent, str):
+            return None
+        parse_time(sent)
+    except ValueError:
+        return None
+    return request
 
 
 def headend_key_from_config(config: Config) -> HeadendKey | None:
@@ -483,7 +551,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default="SIM-", help="meter id prefix (default SIM-)")
     parser.add_argument("--per-site", type=int, default=10, metavar="N", help="meters per site (default 10)")
     parser.add_argument(
-        "--algs", default=",".join(ALGS), help="comma-separated algorithms to mix (default all five)"
+        "--algs", default=",".join(ALGS), help="comma-separated algorithms to mix (default all of them)"
     )
     parser.add_argument(
         "--event-rate",
@@ -619,4 +687,5 @@ def _summary(stats: FleetStats) -> dict[str, int]:
         "replay_requests": stats.requests,
         "replayed": stats.replayed,
         "forged_requests": stats.forged_requests,
+        "stale_requests": stats.stale_requests,
     }

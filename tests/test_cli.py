@@ -286,9 +286,11 @@ async def test_meter_add_second_key_to_same_meter(db_url: str, db: Conn, tmp_pat
     ed = write_key(tmp_path / "ed.pem", spki(ed25519.Ed25519PrivateKey.generate()))
     assert_ok(await aingestd("meter", "add", "M-1", "--alg", "ES256", "--kid", "k1", "--key", key, env=env))
     assert_ok(await aingestd("meter", "add", "M-1", "--alg", "EdDSA", "--kid", "k2", "--key", ed, env=env))
+    # RFC 9864's name for the same scheme (migration 0008 lets the table hold it).
+    assert_ok(await aingestd("meter", "add", "M-1", "--alg", "Ed25519", "--kid", "k3", "--key", ed, env=env))
     assert await count(db, "meters") == 1
     rows = await db.fetch("SELECT kid, alg FROM meter_keys WHERE meter_id = 'M-1' ORDER BY kid")
-    assert [(r["kid"], r["alg"]) for r in rows] == [("k1", "ES256"), ("k2", "EdDSA")]
+    assert [(r["kid"], r["alg"]) for r in rows] == [("k1", "ES256"), ("k2", "EdDSA"), ("k3", "Ed25519")]
 
 
 async def test_meter_add_duplicate_kid(db_url: str, db: Conn, tmp_path: Path) -> None:

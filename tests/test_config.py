@@ -305,6 +305,8 @@ def test_wrong_type_in_the_env(name: str, value: str, key: str) -> None:
         ("[database]\npool_size = 1\n", "database.pool_size"),
         ("[gaps]\nmax_outstanding_per_meter = 0\n", "gaps.max_outstanding_per_meter"),
         ("[gaps]\nmax_active_per_meter = 0\n", "gaps.max_active_per_meter"),
+        # More seqs than a meter must answer in one replay request (docs/protocol.md 9).
+        ("[gaps]\nmax_range = 1001\n", "gaps.max_range"),
         ("[mqtt]\nkeepalive_s = 1\n", "mqtt.keepalive_s"),
         ("[mqtt]\nsession_expiry_s = 4294967296\n", "mqtt.session_expiry_s"),
         ("[mqtt]\nclient_id = 'has space'\n", "mqtt.client_id"),

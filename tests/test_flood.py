@@ -63,7 +63,7 @@ def flood_messages(
 ) -> tuple[list[tuple[str, bytes]], dict[RejectReason, int]]:
     """FLOOD invalid messages, the kinds interleaved, and how many of each reason."""
     own = f"{prefix}/FLOOD-1/up"
-    sig_lengths = {"ES256": 64, "EdDSA": 64, "DS256": 64, "RS256": 256, "PS256": 256}
+    sig_lengths = {"ES256": 64, "EdDSA": 64, "Ed25519": 64, "DS256": 64, "RS256": 256, "PS256": 256}
     body = b64url_encode(b'{"v":1,"meter":"HON-000001","epoch":0,"seq":1,"sent":"2026-11-24T00:00:00Z"}')
 
     def garbage(i: int) -> tuple[str, bytes]:

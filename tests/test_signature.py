@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from ingestd.errors import KeyFileError
 from ingestd.signature import (
     ALGS,
+    ED25519_ALGS,
     Alg,
     PrivateKey,
     PublicKey,
@@ -243,6 +244,18 @@ def test_rfc8037_a4_signing_reproduces_the_signature(
     assert b64url_encode(sign("EdDSA", private, A4_INPUT)) == RFC8037_A4_SIGNATURE
 
 
+def test_ed25519_is_eddsa_under_its_fully_specified_name(
+    rfc8037_public_key: ed25519.Ed25519PublicKey,
+) -> None:
+    """RFC 9864: `Ed25519` names exactly the signature RFC 8037 calls `EdDSA` with an
+    Ed25519 key, so the A.4 signature verifies under both names, and signs the same."""
+    assert verify("Ed25519", rfc8037_public_key, A4_SIG, A4_INPUT) is True
+    assert verify("Ed25519", rfc8037_public_key, _flip(A4_SIG, 0), A4_INPUT) is False
+    check_key_for_alg(rfc8037_public_key, "Ed25519")
+    private = ed25519.Ed25519PrivateKey.from_private_bytes(b64url_decode(RFC8037_A1_D))
+    assert b64url_encode(sign("Ed25519", private, A4_INPUT)) == RFC8037_A4_SIGNATURE
+
+
 def test_rfc8037_signer_reproduces_the_a4_jws() -> None:
     """Signer with the A.1 key and a header of just {"alg":"EdDSA"} yields A.4's JWS."""
     private = ed25519.Ed25519PrivateKey.from_private_bytes(b64url_decode(RFC8037_A1_D))
@@ -359,7 +372,9 @@ def test_cross_alg_fails_without_exception(
 ) -> None:
     key = keys[signed_as]
     signature = sign(signed_as, key, MESSAGE)
-    expected = signed_as == checked_as
+    # EdDSA and Ed25519 are one scheme: which one a key may sign is decided by the
+    # registration (alg_mismatch), not by verify().
+    expected = signed_as == checked_as or {signed_as, checked_as} <= ED25519_ALGS
     assert verify(checked_as, key.public_key(), signature, MESSAGE) is expected
 
 
@@ -565,7 +580,7 @@ def test_is_alg() -> None:
     assert not is_alg("HS256")
     assert not is_alg("rs256")
     assert not is_alg(None)
-    assert set(ALGS) == {"RS256", "PS256", "ES256", "EdDSA", "DS256"}
+    assert set(ALGS) == {"RS256", "PS256", "ES256", "EdDSA", "Ed25519", "DS256"}
 
 
 # --- Signer: flattened JSON JWS -----------------------------------------------------------------
