@@ -104,7 +104,7 @@ def test_standard_input(files: tuple[str, str]) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["missing.json", "--key", "{key}"], "FILE missing.json: no such file"),
+        (["missing.json", "--key", "{key}"], "FILE: missing.json: no such file"),
         (["{message}", "--key", "{message}"], "not a PEM-encoded public key"),
         (["{message}", "--key", "{key}", "--alg", "ES256"], "ES256 needs an EC P-256 key, got Ed25519"),
         (["{message}", "--key", "{key}", "--received-at", "yesterday"], "--received-at"),
