@@ -194,6 +194,7 @@ def check_message(
     *,
     topic_prefix: str,
     max_clock_skew: timedelta,
+    max_data_age: timedelta,
 ) -> Message:
     """Every check of wire protocol v1 but the duplicate check (which needs the database).
 
@@ -204,7 +205,14 @@ def check_message(
     signed = prepare(payload, received_at, keys)
     if not signature_ok(signed):
         raise bad_signature(signed)
-    return accept_signed(signed, topic, received_at, topic_prefix=topic_prefix, max_clock_skew=max_clock_skew)
+    return accept_signed(
+        signed,
+        topic,
+        received_at,
+        topic_prefix=topic_prefix,
+        max_clock_skew=max_clock_skew,
+        max_data_age=max_data_age,
+    )
 
 
 # Not frozen: one is built for every message, and a frozen dataclass costs about 85 ns a
@@ -250,11 +258,20 @@ def unverifiable(signed: Signed) -> Rejected:
 
 
 def accept_signed(
-    signed: Signed, topic: str, received_at: datetime, *, topic_prefix: str, max_clock_skew: timedelta
+    signed: Signed,
+    topic: str,
+    received_at: datetime,
+    *,
+    topic_prefix: str,
+    max_clock_skew: timedelta,
+    max_data_age: timedelta,
 ) -> Message:
-    """The checks that read the body: only ever called once its signature verified."""
+    """The checks that read the body: only ever called once its signature verified.
+
+    ``max_data_age`` and ``max_clock_skew`` also bound the times inside the body (see
+    ``check_window``)."""
     try:
-        body = _signed_body(signed, topic, received_at, topic_prefix, max_clock_skew)
+        body = _signed_body(signed, topic, received_at, topic_prefix, max_clock_skew, max_data_age)
     except Rejected as exc:
         exc.kid = signed.header.kid
         raise
@@ -272,9 +289,15 @@ def accept_signed(
 
 
 def _signed_body(
-    signed: Signed, topic: str, received_at: datetime, topic_prefix: str, max_clock_skew: timedelta
+    signed: Signed,
+    topic: str,
+    received_at: datetime,
+    topic_prefix: str,
+    max_clock_skew: timedelta,
+    max_data_age: timedelta,
 ) -> Body:
     body = parse_body(signed.header.body)
+    check_window(body, max_age=max_data_age, max_ahead=max_clock_skew)
     owner = signed.key.meter_id
     if body.meter_id != owner:
         raise Rejected("topic_mismatch", f"body names {body.meter_id}, key belongs to {owner}")
@@ -328,6 +351,53 @@ def parse_body(raw: bytes) -> Body:
     readings = tuple(_reading(i, r) for i, r in enumerate(raw_readings))
     events = tuple(_event(i, e) for i, e in enumerate(raw_events))
     return Body(meter, epoch, seq, sent, replay, readings, events, content_digest(readings, events))
+
+
+def check_window(body: Body, *, max_age: timedelta, max_ahead: timedelta) -> None:
+    """Raise Rejected("bad_body") naming the first reading or event whose time is more than
+    ``max_age`` before the body's ``sent`` or more than ``max_ahead`` after it.
+
+    Readings and events are stored in hypertables partitioned by their time, one chunk per
+    interval: without a window, one signed message with times spread over centuries makes
+    a chunk per reading, and every query and plan not narrowed by time then opens all of
+    them. Within the window one message touches a fixed number of chunks (docs/security.md).
+    Relative to ``sent``, not to the receive time: a replay from flash is re-sent with a
+    fresh ``sent`` and its original readings, up to the flash retention old; a redelivery of
+    the same bytes keeps the original ``sent``, however long it waited.
+    """
+    # Near years 1 and 9999 the window's ends leave what datetime holds: then that end is
+    # open, and the times inside are already bounded by parsing.
+    try:
+        earliest = body.sent - max_age
+    except OverflowError:
+        earliest = datetime.min.replace(tzinfo=UTC)
+    try:
+        latest = body.sent + max_ahead
+    except OverflowError:
+        latest = datetime.max.replace(tzinfo=UTC)
+    items: tuple[tuple[str, Sequence[Reading | Event]], ...] = (
+        ("readings", body.readings),
+        ("events", body.events),
+    )
+    for name, values in items:
+        for index, value in enumerate(values):
+            if value.time < earliest:
+                where = f"more than {_duration(max_age)} before"
+            elif value.time > latest:
+                where = f"more than {_duration(max_ahead)} after"
+            else:
+                continue
+            raise Rejected(
+                "bad_body",
+                f"{name}[{index}].t {format_time(value.time)} is {where} sent {format_time(body.sent)}",
+            )
+
+
+def _duration(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    if seconds >= 86400 and seconds % 3600 == 0:
+        return f"{seconds / 86400:g} days"
+    return f"{seconds:g} s"
 
 
 def content_digest(readings: Sequence[Reading], events: Sequence[Event]) -> bytes:

@@ -22,7 +22,14 @@ import asyncpg
 import structlog
 
 from ingestd.config import IngestConfig
-from ingestd.envelope import Signed, accept_signed, bad_signature, prepare, topic_meter, unverifiable
+from ingestd.envelope import (
+    Signed,
+    accept_signed,
+    bad_signature,
+    prepare,
+    topic_meter,
+    unverifiable,
+)
 from ingestd.errors import Rejected
 from ingestd.gaps import record_gap_counts
 from ingestd.keyring import Keyring
@@ -74,6 +81,7 @@ class Pipeline:
         self._upstream = upstream
         self._now = now
         self._skew = timedelta(seconds=config.max_clock_skew_s)
+        self._max_age = timedelta(days=config.max_data_age_days)
         self._pending: collections.deque[Delivery] = collections.deque()
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
@@ -209,7 +217,12 @@ class Pipeline:
     def _accept(self, d: Delivery, signed: Signed) -> Accept | Reject:
         try:
             message = accept_signed(
-                signed, d.topic, d.received_at, topic_prefix=self._prefix, max_clock_skew=self._skew
+                signed,
+                d.topic,
+                d.received_at,
+                topic_prefix=self._prefix,
+                max_clock_skew=self._skew,
+                max_data_age=self._max_age,
             )
         except Rejected as exc:
             return self._reject(d, exc)

@@ -68,6 +68,13 @@ class Scene:
     # An RSA key the attacker made, and the victim's public key PEM (public knowledge).
     attacker_rsa: Signer
     victim_pem: bytes
+    # Readings are at base + 15 minutes * seq: a day before the test, so that they lie
+    # within the data window of any sent the test uses (a fixed date would not, one day).
+    base: datetime = field(
+        default_factory=lambda: (
+            datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=1)
+        )
+    )
     seqs: dict[str, int] = field(default_factory=dict)
 
     def up(self, meter: Meter | str) -> str:
@@ -81,7 +88,7 @@ class Scene:
         meter_id = who if isinstance(who, str) else who.meter_id
         seq = self.next_seq(meter_id)
         # One interval per seq, so that accepted readings never share a (meter, time).
-        t = datetime(2026, 11, 24, tzinfo=UTC) + timedelta(minutes=15 * seq)
+        t = self.base + timedelta(minutes=15 * seq)
         body: dict[str, Any] = {
             "v": 1,
             "meter": meter_id,
