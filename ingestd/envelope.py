@@ -50,6 +50,11 @@ _ENVELOPE_NAMES: Final = (b'"protected"', b'"payload"', b'"signature"')
 _READING_KEYS: Final = frozenset({"t", "import_wh", "export_wh"})
 # One JSON string, and the colon after it when there is one (when the string names a member).
 _STRING_THEN_COLON: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(?:[ \t\n\r]*(:))?')
+# MQTT allows topics of 65,535 bytes, and a rejected message's topic is stored in the
+# quarantine and printed in log lines. A valid uplink topic is {prefix}/{meter_id}/up with a
+# meter id of at most 64 characters, so a cap of 256 bytes cuts only topics that could never
+# be valid (with any topic prefix up to 188 bytes) while keeping enough to tell who sent them.
+TOPIC_SHOWN_MAX: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +142,23 @@ def topic_meter(topic: str, prefix: str) -> str | None:
         return None
     meter = topic[len(head) : -3]
     return meter if METER_ID.fullmatch(meter) else None
+
+
+def shown_topic(topic: str) -> str:
+    """A topic from the wire as it may be stored or logged: at most TOPIC_SHOWN_MAX bytes,
+    and when cut, its start and a mark saying so and how long it was.
+
+    What it returns is returned unchanged: cutting twice loses nothing more.
+    """
+    # Four UTF-8 bytes a character at most: a short topic needs no encoding to know.
+    if len(topic) * 4 <= TOPIC_SHOWN_MAX:
+        return topic
+    raw = topic.encode("utf-8", "surrogatepass")
+    if len(raw) <= TOPIC_SHOWN_MAX:
+        return topic
+    mark = f"[... cut, {len(raw)} bytes]"
+    kept = raw[: TOPIC_SHOWN_MAX - len(mark)].decode("utf-8", "ignore")
+    return kept + mark
 
 
 def parse_envelope(payload: bytes) -> Header:

@@ -27,6 +27,7 @@ from ingestd.envelope import (
     accept_signed,
     bad_signature,
     prepare,
+    shown_topic,
     topic_meter,
     unverifiable,
 )
@@ -237,7 +238,7 @@ class Pipeline:
     def _internal_error(self, d: Delivery, exc: Exception) -> Reject:
         # A check that fails in a way we did not foresee is our bug, not the meter's:
         # log it loudly and quarantine the message for a human to look at.
-        log.error("check_failed", topic=d.topic, exc_info=exc)
+        log.error("check_failed", topic=shown_topic(d.topic), exc_info=exc)
         return Reject(
             "bad_body", "internal error while checking", d.topic, d.payload, d.received_at, None, None
         )

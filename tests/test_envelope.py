@@ -24,6 +24,7 @@ from ingestd.envelope import (
     MAX_INT64,
     MAX_PAYLOAD,
     MAX_READINGS,
+    TOPIC_SHOWN_MAX,
     Message,
     MeterKey,
     check_message,
@@ -31,6 +32,7 @@ from ingestd.envelope import (
     parse_body,
     parse_envelope,
     parse_time,
+    shown_topic,
     topic_meter,
 )
 from ingestd.errors import REJECT_REASONS, Rejected
@@ -1027,6 +1029,28 @@ def test_window_ends_beyond_datetimes_range_do_not_break_the_check(fleet: Fleet)
     late_sent = datetime(9999, 12, 31, 23, 58, tzinfo=UTC)
     late = timed_body([datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)], [], sent=format_time(late_sent))
     assert check(jws(fleet.signers["es-1"], late), fleet.lookup(), received_at=late_sent).seq == 1042
+
+
+# --- shown_topic --------------------------------------------------------------------------
+
+
+def test_short_topics_are_shown_whole() -> None:
+    assert shown_topic("meters/M1/up") == "meters/M1/up"
+    exact = "m/" + "é" * ((TOPIC_SHOWN_MAX - 2) // 2)
+    assert len(exact.encode()) == TOPIC_SHOWN_MAX
+    assert shown_topic(exact) == exact
+
+
+@pytest.mark.parametrize("char", ["x", "é", "\u20ac", "\U0001f600"])
+def test_long_topics_are_cut_and_marked(char: str) -> None:
+    topic = "meters/" + char * 60_000 + "/up"
+    shown = shown_topic(topic)
+    kept, mark = shown.split("[... cut, ")
+    assert mark == f"{len(topic.encode())} bytes]"
+    assert topic.startswith(kept)
+    # Whole characters only: a cut through one drops it.
+    assert TOPIC_SHOWN_MAX - 3 <= len(shown.encode()) <= TOPIC_SHOWN_MAX
+    assert shown_topic(shown) == shown
 
 
 # --- accepted messages ----------------------------------------------------------------

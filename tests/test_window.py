@@ -4,23 +4,27 @@ Readings and events must lie within the data window of their message's `sent` (f
 `ingest.max_data_age_days` before it to `ingest.max_clock_skew_s` after it). Without it, a
 stolen key made a hypertable chunk per reading (issue 9, defect 4); with it, one message
 touches at most the chunks its window spans, which docs/security.md states and the first
-test reaches. Honest replays from flash, and redeliveries of old bytes, are stored.
+test reaches. Honest replays from flash, and redeliveries of old bytes, are stored. A
+rejected message's topic is cut before the quarantine and the log (defect 8).
 """
 
 from __future__ import annotations
 
 import math
+import random
+import string
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 import pytest
+import structlog
 
 from conftest import running_daemon
 from helpers import metric, publish, wait_settled
 from ingestd.config import Config
-from ingestd.envelope import format_time
+from ingestd.envelope import TOPIC_SHOWN_MAX, format_time, shown_topic
 from ingestd.signature import Signer, generate_private_key, public_key_pem
 from ingestd.store import Store
 
@@ -196,3 +200,37 @@ async def test_honest_replays_and_late_redeliveries_are_stored(
     ]
     gaps = await db.fetch("SELECT from_seq, to_seq, status FROM gaps")
     assert [(g["from_seq"], g["to_seq"], g["status"]) for g in gaps] == [(1, 1, "filled")]
+
+
+async def test_a_60_kb_topic_is_quarantined_with_the_topic_cut(
+    config: Config, meter: Signer, db: Conn
+) -> None:
+    """MQTT allows topics of 65,535 bytes. A signed message on a 60 KB topic (one level
+    between the prefix and /up, which the subscription matches) is rejected and
+    quarantined with at most TOPIC_SHOWN_MAX bytes of its topic, marked as cut, and the
+    log line carries no more."""
+    level = "".join(random.Random(8).choices(string.ascii_letters + string.digits, k=60_000))
+    topic = f"meters/{level}/up"
+    payload = meter.sign_body(body(1, datetime.now(UTC), [datetime.now(UTC)], []))
+    with structlog.testing.capture_logs() as logs:
+        async with running_daemon(config) as daemon:
+            registry = daemon.metrics.registry
+            await publish(config.mqtt.host, config.mqtt.port, [(topic, payload)])
+            await wait_settled(registry, 1)
+            assert metric(registry, "ingestd_messages_rejected_total", reason="topic_mismatch") == 1
+    row = await db.fetchrow(
+        """SELECT reason, topic, meter_id, payload, octet_length(topic) AS topic_bytes,
+                  pg_column_size(q.*) AS row_bytes
+           FROM quarantine q"""
+    )
+    assert row is not None
+    assert row["reason"] == "topic_mismatch"
+    assert row["payload"] == payload
+    assert row["meter_id"] is None
+    assert row["topic"] == shown_topic(topic)
+    assert row["topic"].startswith(topic[: TOPIC_SHOWN_MAX - 32])
+    assert row["topic"].endswith(f"[... cut, {len(topic)} bytes]")
+    assert row["topic_bytes"] <= TOPIC_SHOWN_MAX
+    assert row["row_bytes"] <= len(payload) + TOPIC_SHOWN_MAX + 512
+    rejected = [e for e in logs if e["event"] == "message_rejected"]
+    assert [e["topic"] for e in rejected] == [shown_topic(topic)]
