@@ -110,8 +110,9 @@ class IngestConfig:
     verify_workers: int = 2
     max_clock_skew_s: int = 300
     # Readings and events may be at most this much older than their message's `sent`
-    # (and at most max_clock_skew_s after it): the meters' 90 days of flash and a margin.
-    # Bounds the hypertable chunks one message can touch.
+    # (and at most max_clock_skew_s after it), and `sent` this much older than its receipt:
+    # the meters' 90 days of flash and a margin. Bounds the hypertable chunks one message,
+    # and all messages together, can touch.
     max_data_age_days: float = 100.0
     quarantine_payload_max: int = 4096
     # Quarantine rows older than this are deleted (hourly); 0 keeps them for ever.
@@ -242,13 +243,15 @@ class Config:
     def validate(self) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
-        if self.ingest.max_data_age_days < self.gaps.retention_days:
-            # The head-end asks for gaps up to retention_days old; the replies carry readings
-            # that old, and must not be rejected.
+        # The head-end asks for gaps up to retention_days old, and replies carry readings
+        # that old; a message re-sent with its original bytes (and sent) may be that old
+        # too, and then wait at the broker until our session expires. Neither may be refused.
+        honest_days = self.gaps.retention_days + self.mqtt.session_expiry_s / 86400
+        if self.ingest.max_data_age_days < honest_days:
             raise ConfigError(
                 "ingest.max_data_age_days",
-                f"must be at least gaps.retention_days ({self.gaps.retention_days:g}),"
-                " or replays the head-end asks for are rejected",
+                f"must be at least gaps.retention_days plus mqtt.session_expiry_s ({honest_days:g} days),"
+                " or honest replays and redeliveries are rejected",
             )
 
 

@@ -291,7 +291,8 @@ def accept_signed(
     """The checks that read the body: only ever called once its signature verified.
 
     ``max_data_age`` and ``max_clock_skew`` also bound the times inside the body (see
-    ``check_window``)."""
+    ``check_window``), and ``max_data_age`` how long before the receive time ``sent`` may
+    be."""
     try:
         body = _signed_body(signed, topic, received_at, topic_prefix, max_clock_skew, max_data_age)
     except Rejected as exc:
@@ -327,6 +328,15 @@ def _signed_body(
         raise Rejected("topic_mismatch", f"body names {body.meter_id}, topic is {_short(topic)}")
     if body.sent - received_at > max_clock_skew:
         raise Rejected("clock_skew", f"sent {body.sent.isoformat()} is in the future")
+    if received_at - body.sent > max_data_age:
+        # The data window follows sent; were sent unbounded in the past, each message could
+        # place its window in another era, and a key holder make chunks without end. No
+        # honest message is older: a redelivery waits at most the flash retention and the
+        # broker's session expiry (the configuration checks), a replay has a fresh sent.
+        raise Rejected(
+            "clock_skew",
+            f"sent {format_time(body.sent)} is more than {_duration(max_data_age)} before the receive time",
+        )
     return body
 
 

@@ -887,7 +887,7 @@ def test_sent_six_minutes_ahead_is_clock_skew(fleet: Fleet, kid: str) -> None:
         timedelta(minutes=4),
         timedelta(minutes=5),  # the limit itself is allowed
         timedelta(0),
-        timedelta(days=-400),  # old messages are replays, not skew
+        -MAX_AGE,  # a redelivery as old as the data window: not skew
     ],
 )
 def test_sent_within_the_skew_is_accepted(fleet: Fleet, delta: timedelta) -> None:
@@ -1014,18 +1014,33 @@ def test_honest_replay_from_flash_is_accepted(fleet: Fleet, age: timedelta) -> N
 
 def test_redelivery_of_the_same_bytes_long_after_is_accepted(fleet: Fleet) -> None:
     """A redelivery keeps its bytes, so its original sent: the window is judged from sent,
-    not from the receive time, however long it waited (offline meter, broker queue)."""
-    created = NOW - timedelta(days=400)
+    not from the receive time, and sent may be as old as the window (an offline meter, a
+    week at the broker)."""
+    created = NOW - MAX_AGE
     payload = jws(
-        fleet.signers["es-1"],
-        timed_body([created - timedelta(minutes=15)], [created], sent=format_time(created)),
+        fleet.signers["es-1"], timed_body([created - MAX_AGE], [created], sent=format_time(created))
     )
     assert check(payload, fleet.lookup()).sent == created
 
 
+@pytest.mark.parametrize("max_age", [MAX_AGE, timedelta(days=7)])
+def test_sent_older_than_the_window_before_receipt_is_clock_skew(fleet: Fleet, max_age: timedelta) -> None:
+    """Else each message could place its window in another era (docs/security.md)."""
+    sent = NOW - max_age - timedelta(seconds=1)
+    payload = jws(fleet.signers["es-1"], timed_body([sent], [sent], sent=format_time(sent)))
+    exc = rejected(payload, fleet.lookup(), max_age=max_age)
+    assert exc.reason == "clock_skew"
+    assert exc.detail == f"sent {format_time(sent)} is more than {max_age.days} days before the receive time"
+    assert exc.kid == "es-1"
+    limit = sent + timedelta(seconds=1)
+    on_the_limit = jws(fleet.signers["es-1"], timed_body([sent], [], sent=format_time(limit)))
+    assert check(on_the_limit, fleet.lookup(), max_age=max_age).sent == limit
+
+
 def test_window_ends_beyond_datetimes_range_do_not_break_the_check(fleet: Fleet) -> None:
-    early = timed_body([datetime(1, 1, 1, 0, 0, 1, tzinfo=UTC)], [], sent="0001-01-01T00:05:00Z")
-    assert check(jws(fleet.signers["es-1"], early), fleet.lookup()).seq == 1042
+    early_sent = datetime(1, 1, 1, 0, 5, tzinfo=UTC)
+    early = timed_body([datetime(1, 1, 1, 0, 0, 1, tzinfo=UTC)], [], sent=format_time(early_sent))
+    assert check(jws(fleet.signers["es-1"], early), fleet.lookup(), received_at=early_sent).seq == 1042
     late_sent = datetime(9999, 12, 31, 23, 58, tzinfo=UTC)
     late = timed_body([datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)], [], sent=format_time(late_sent))
     assert check(jws(fleet.signers["es-1"], late), fleet.lookup(), received_at=late_sent).seq == 1042

@@ -3,8 +3,8 @@
 test_envelope.py shows that arbitrary signed bodies end as a Message or a Rejected, never
 another exception. This closes the other half on the real database: hypothesis builds
 signed bodies that pass every check but lie at the edges of what the protocol allows
-(times in years 1 and 9999 with any offset and up to 9 fraction digits, readings and
-events within the data window of their `sent` and a few outside it, registers up to
+(times with any offset and up to 9 fraction digits, within the data window of `sent` and
+now and then anywhere in years 1-9999 (refused: clock_skew or bad_body), registers up to
 2^63-1, epoch and seq anywhere in range, any Unicode and numbers up to 2^64-1 or 1e308 in
 a reading's extra fields and an event's detail, unknown members), and writes batches of
 them with Store.write_batch. No batch may fail, each message ends new, duplicate or
@@ -27,7 +27,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingestd.envelope import MAX_INT64, MeterKey, check_message, parse_time
+from ingestd.envelope import MAX_INT64, MeterKey, check_message, format_time, parse_time
 from ingestd.errors import Rejected
 from ingestd.signature import Signer, generate_private_key
 from ingestd.store import Accept, Store
@@ -141,9 +141,11 @@ def events(sent: str) -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
-# In the past (else mostly clock_skew); a sent in the future is test_envelope's. The
-# readings and events are drawn around it, as a meter's are.
-BODIES = times(last=datetime(2026, 1, 1)).flatmap(  # noqa: DTZ001
+# Before the test's receive time, and after the data window's start (else clock_skew), in
+# any offset and precision, and now and then anywhere; a sent in the future is
+# test_envelope's. The readings and events are drawn around it, as a meter's are.
+RECENT = format_time(datetime.now(UTC) - timedelta(days=1))
+BODIES = times_near(RECENT).flatmap(
     lambda sent: st.fixed_dictionaries(
         {
             "v": st.just(1),
@@ -247,9 +249,9 @@ async def test_property_whatever_is_accepted_is_stored_as_signed(store: Store, d
             except Rejected as exc:
                 verdict = exc
             if verdict is not None:
-                # Only what the generator cannot avoid: a sent in the future, a time that
-                # leaves years 1-9999 once its offset is applied, or one drawn outside the
-                # data window on purpose.
+                # Only what the generator cannot avoid: a sent in the future or older than
+                # the window, a time that leaves years 1-9999 once its offset is applied, or
+                # one drawn outside the data window on purpose.
                 assert verdict.reason in {"clock_skew", "bad_body"}, verdict
                 assert (
                     verdict.reason == "clock_skew"

@@ -1,16 +1,17 @@
 """What one message can touch, through the real broker, daemon and database.
 
 Readings and events must lie within the data window of their message's `sent` (from
-`ingest.max_data_age_days` before it to `ingest.max_clock_skew_s` after it). Without it, a
-stolen key made a hypertable chunk per reading (issue 9, defect 4); with it, one message
-touches at most the chunks its window spans, which docs/security.md states and the first
-test reaches. Honest replays from flash, and redeliveries of old bytes, are stored. A
-rejected message's topic is cut before the quarantine and the log (defect 8).
+`ingest.max_data_age_days` before it to `ingest.max_clock_skew_s` after it), and `sent`
+at most `ingest.max_data_age_days` before the receive time. Without them, a stolen key
+made a hypertable chunk per reading (issue 9, defect 4); with them, one message touches
+at most the chunks its window spans, which docs/security.md states and the first test
+reaches, and all messages together only chunks of the last 200 days. Honest replays from
+flash, and redeliveries of old bytes, are stored. A rejected message's topic is cut
+before the quarantine and the log (defect 8).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import string
 from datetime import UTC, datetime, timedelta
@@ -92,44 +93,56 @@ def most_chunks(span: timedelta, interval: timedelta) -> int:
 async def test_one_message_touches_at_most_the_chunks_its_window_spans(
     config: Config, meter: Signer, db: Conn
 ) -> None:
-    """The worst case of docs/security.md, reached: a message whose readings and events
-    cover its whole window, placed so that the window meets as many chunks as it can."""
+    """The worst case of docs/security.md, reached: for each hypertable, a message whose
+    readings (or events) cover its whole window, placed so that the window meets as many
+    chunks as it can: it starts an hour before a chunk boundary (TimescaleDB aligns chunks
+    to the Unix epoch), as late as lets its sent be in the past."""
     max_age, max_ahead = window(config)
     span = max_age + max_ahead
     intervals = await chunk_intervals(db)
-    # The window starts an hour before a boundary of both chunk grids (TimescaleDB aligns
-    # chunks to the Unix epoch), a year back, where nothing else has data.
     lead = timedelta(hours=1)
     assert all(span % i >= lead for i in intervals.values()), "the lead must not lose a chunk"
-    grid = math.lcm(*(int(i.total_seconds()) for i in intervals.values()))
-    year_ago = int((datetime.now(UTC) - timedelta(days=365) - UNIX_EPOCH).total_seconds())
-    start = UNIX_EPOCH + timedelta(seconds=year_ago // grid * grid) - lead
-    sent = start + max_age
-    end = sent + max_ahead
-    every = timedelta(hours=6)
-    readings = [start + k * every for k in range(span // every + 1)] + [end]
-    events = [start + k * (span / 99) for k in range(99)] + [end]
-    payload = meter.sign_body(body(1, sent, readings, events))
-    assert len(payload) < 65536
+    latest_start = datetime.now(UTC) - max_age - timedelta(minutes=1)
+    payloads: dict[str, bytes] = {}
+    stored = 0
+    for seq, (name, interval) in enumerate(sorted(intervals.items()), start=1):
+        start = UNIX_EPOCH + (latest_start + lead - UNIX_EPOCH) // interval * interval - lead
+        sent = start + max_age
+        end = sent + max_ahead
+        if name == "readings":
+            every = timedelta(hours=6)
+            times = [start + k * every for k in range(span // every + 1)] + [end]
+            payloads[name] = meter.sign_body(body(seq, sent, times, []))
+            stored = len(times)
+        else:
+            times = [start + k * (span / 99) for k in range(99)] + [end]
+            payloads[name] = meter.sign_body(body(seq, sent, [], times))
+    assert set(payloads) == {"readings", "events"}
+    made = {}
     async with running_daemon(config) as daemon:
         registry = daemon.metrics.registry
-        await publish(config.mqtt.host, config.mqtt.port, [("meters/WIN-1/up", payload)])
-        await wait_settled(registry, 1)
-        assert metric(registry, "ingestd_messages_accepted_total") == 1
-        assert metric(registry, "ingestd_readings_stored_total") == len(readings)
-    made = await chunks(db)
-    expected = {name: most_chunks(span, interval) for name, interval in intervals.items()}
+        for received, name in enumerate(sorted(payloads), start=1):
+            payload = payloads[name]
+            assert len(payload) < 65536
+            before = await chunks(db)
+            await publish(config.mqtt.host, config.mqtt.port, [("meters/WIN-1/up", payload)])
+            await wait_settled(registry, received)
+            assert metric(registry, "ingestd_messages_accepted_total") == received
+            after = await chunks(db)
+            made[name] = after.get(name, 0) - before.get(name, 0)
+        assert metric(registry, "ingestd_readings_stored_total") == stored
     # With the defaults (100 days and 5 minutes; chunks of 7 and 30 days): 16 and 5.
-    assert {name: made[name] for name in expected} == expected
-    # The raw copy is partitioned by the receive time: one chunk, the current one.
-    assert made["raw_messages"] == 1
+    assert made == {name: most_chunks(span, interval) for name, interval in intervals.items()}
+    # The raw copies are partitioned by the receive time: one chunk, the current one.
+    assert (await chunks(db))["raw_messages"] == 1
 
 
 async def test_times_outside_the_window_are_bad_body_and_create_no_chunk(
     config: Config, meter: Signer, db: Conn
 ) -> None:
-    """Issue 9's attack (one reading a week for years, in one validly signed message), and
-    a reading or an event just outside either end: rejected, and no chunk made."""
+    """Issue 9's attack (one reading a week for years, in one validly signed message), a
+    reading or an event just outside either end of the window, and a sent older than the
+    window before its receipt: rejected, and no chunk made."""
     max_age, max_ahead = window(config)
     sent = datetime.now(UTC).replace(microsecond=0)
     tick = timedelta(seconds=1)
@@ -138,24 +151,34 @@ async def test_times_outside_the_window_are_bad_body_and_create_no_chunk(
         meter.sign_body(body(1, sent, weekly, [])),
         meter.sign_body(body(2, sent, [sent, sent - max_age - tick], [])),
         meter.sign_body(body(3, sent, [sent], [sent + max_ahead + tick])),
-        # Far in the past, sent and all: the window moves with sent, and still holds.
+        # The window follows sent: a sent far in the past does not let today's data in,
         meter.sign_body(body(4, sent - timedelta(days=3000), [sent], [])),
+        # and a sent older than the window before its receipt is clock skew, so that no
+        # message places its window in another era.
+        meter.sign_body(body(5, sent - max_age - tick, [sent - max_age - tick], [])),
+        meter.sign_body(body(6, sent - timedelta(days=3000), [sent - timedelta(days=3000)], [])),
     ]
     before = await chunks(db)
     async with running_daemon(config) as daemon:
         registry = daemon.metrics.registry
         await publish(config.mqtt.host, config.mqtt.port, [("meters/WIN-1/up", m) for m in messages])
         await wait_settled(registry, len(messages))
-        assert metric(registry, "ingestd_messages_rejected_total", reason="bad_body") == len(messages)
+        assert metric(registry, "ingestd_messages_rejected_total", reason="bad_body") == 4
+        assert metric(registry, "ingestd_messages_rejected_total", reason="clock_skew") == 2
         assert metric(registry, "ingestd_messages_accepted_total") == 0
     rows = await db.fetch("SELECT reason, detail, payload FROM quarantine ORDER BY id")
-    assert [(r["reason"], r["payload"]) for r in rows] == [("bad_body", m[:4096]) for m in messages]
+    reasons = ["bad_body"] * 4 + ["clock_skew"] * 2
+    assert [(r["reason"], r["payload"]) for r in rows] == list(
+        zip(reasons, [m[:4096] for m in messages], strict=True)
+    )
     first_out = next(k for k, t in enumerate(weekly) if t < sent - max_age)
     expected = [
         (f"readings[{first_out}].t {format_time(weekly[first_out])} ", " before sent "),
         (f"readings[1].t {format_time(sent - max_age - tick)} ", " before sent "),
         (f"events[0].t {format_time(sent + max_ahead + tick)} ", " after sent "),
         (f"readings[0].t {format_time(sent)} ", " after sent "),
+        (f"sent {format_time(sent - max_age - tick)} ", " before the receive time"),
+        (f"sent {format_time(sent - timedelta(days=3000))} ", " before the receive time"),
     ]
     for row, (start, side) in zip(rows, expected, strict=True):
         assert row["detail"].startswith(start), row["detail"]
