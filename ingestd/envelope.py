@@ -395,7 +395,8 @@ def check_window(body: Body, *, max_age: timedelta, max_ahead: timedelta) -> Non
     them. Within the window one message touches a fixed number of chunks (docs/security.md).
     Relative to ``sent``, not to the receive time: a replay from flash is re-sent with a
     fresh ``sent`` and its original readings, up to the flash retention old; a redelivery of
-    the same bytes keeps the original ``sent``, however long it waited.
+    the same bytes keeps the original ``sent``, whenever it arrives (how old ``sent`` may
+    be is the clock check's, in ``_signed_body``).
     """
     # Near years 1 and 9999 the window's ends leave what datetime holds: then that end is
     # open, and the times inside are already bounded by parsing.

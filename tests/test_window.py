@@ -193,7 +193,7 @@ async def test_honest_replays_and_late_redeliveries_are_stored(
     """Never reject what an honest meter sends: a replay from flash of data as old as the
     head-end still asks for (gaps.retention_days), re-sent with a fresh sent, fills its gap;
     data at the very end of the window is stored; a redelivery of the original bytes is
-    stored however long it waited (flash plus the broker's session expiry)."""
+    stored after the longest it can honestly wait (flash plus the broker's session expiry)."""
     max_age, max_ahead = window(config)
     now = datetime.now(UTC).replace(microsecond=0)
     oldest_asked = now - timedelta(days=config.gaps.retention_days)
