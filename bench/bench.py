@@ -70,7 +70,8 @@ def presign(
     messages = []
     protected = {s.kid: s.protected() for s in signers}
     per_meter_seq = dict.fromkeys((s.kid for s in signers), start_seq - 1)
-    base = datetime(2026, 1, 1, tzinfo=UTC)
+    # Within the data window of `sent` (ingest.max_data_age_days), whenever the bench runs.
+    base = (sent or datetime.now(UTC)) - timedelta(days=30)
     for i in range(count):
         signer = signers[i % len(signers)]
         meter = signer.kid.removesuffix("-k1")

@@ -445,6 +445,7 @@ def _cmd_check_message(config: Config, args: argparse.Namespace) -> int:
             received_at=args.received_at or datetime.now(UTC),
             topic_prefix=config.mqtt.topic_prefix,
             max_clock_skew=timedelta(seconds=config.ingest.max_clock_skew_s),
+            max_data_age=timedelta(days=config.ingest.max_data_age_days),
         )
     except KeyFileError as exc:
         raise KeyFileError(f"--key {args.key}: {exc}") from None

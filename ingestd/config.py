@@ -112,6 +112,11 @@ class IngestConfig:
     # Processes that verify signatures beside the event loop (about one per core).
     verify_workers: int = 2
     max_clock_skew_s: int = 300
+    # Readings and events may be at most this much older than their message's `sent`
+    # (and at most max_clock_skew_s after it), and `sent` this much older than its receipt:
+    # the meters' 90 days of flash and a margin. Bounds the hypertable chunks one message,
+    # and all messages together, can touch.
+    max_data_age_days: float = 100.0
     quarantine_payload_max: int = 4096
     # Quarantine rows older than this are deleted (hourly); 0 keeps them for ever.
     quarantine_retention_days: float = 365.0
@@ -128,6 +133,7 @@ class IngestConfig:
         _require_range("ingest.max_pending", self.max_pending, self.batch_max, 10_000_000)
         _require_range("ingest.verify_workers", self.verify_workers, 1, 64)
         _require_range("ingest.max_clock_skew_s", self.max_clock_skew_s, 0, 86400)
+        _require_range("ingest.max_data_age_days", self.max_data_age_days, 1, 3650)
         _require_range("ingest.quarantine_payload_max", self.quarantine_payload_max, 0, 65536)
         _require_range("ingest.quarantine_retention_days", self.quarantine_retention_days, 0, 36500)
         _require_range("ingest.key_refresh_s", self.key_refresh_s, 0.1, 86400)
@@ -253,6 +259,16 @@ class Config:
     def validate(self) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        # The head-end asks for gaps up to retention_days old, and replies carry readings
+        # that old; a message re-sent with its original bytes (and sent) may be that old
+        # too, and then wait at the broker until our session expires. Neither may be refused.
+        honest_days = self.gaps.retention_days + self.mqtt.session_expiry_s / 86400
+        if self.ingest.max_data_age_days < honest_days:
+            raise ConfigError(
+                "ingest.max_data_age_days",
+                f"must be at least gaps.retention_days plus mqtt.session_expiry_s ({honest_days:g} days),"
+                " or honest replays and redeliveries are rejected",
+            )
 
 
 def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None) -> Config:

@@ -64,6 +64,7 @@ def check_offline(
     received_at: datetime,
     topic_prefix: str,
     max_clock_skew: timedelta,
+    max_data_age: timedelta,
 ) -> Message:
     """The message if the head-end would accept it; Rejected (with the daemon's reason and
     detail) if not; KeyFileError when the key cannot be registered for its algorithm."""
@@ -81,6 +82,7 @@ def check_offline(
         _OneKey(key),
         topic_prefix=topic_prefix,
         max_clock_skew=max_clock_skew,
+        max_data_age=max_data_age,
     )
 
 

@@ -51,6 +51,11 @@ _READING_KEYS: Final = frozenset({"t", "import_wh", "export_wh"})
 _EVENT_KEYS: Final = frozenset({"t", "code", "detail"})
 # One JSON string, and the colon after it when there is one (when the string names a member).
 _STRING_THEN_COLON: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(?:[ \t\n\r]*(:))?')
+# MQTT allows topics of 65,535 bytes, and a rejected message's topic is stored in the
+# quarantine and printed in log lines. A valid uplink topic is {prefix}/{meter_id}/up with a
+# meter id of at most 64 characters, so a cap of 256 bytes cuts only topics that could never
+# be valid (with any topic prefix up to 188 bytes) while keeping enough to tell who sent them.
+TOPIC_SHOWN_MAX: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +151,23 @@ def topic_meter(topic: str, prefix: str) -> str | None:
     return meter if METER_ID.fullmatch(meter) else None
 
 
+def shown_topic(topic: str) -> str:
+    """A topic from the wire as it may be stored or logged: at most TOPIC_SHOWN_MAX bytes,
+    and when cut, its start and a mark saying so and how long it was.
+
+    What it returns is returned unchanged: cutting twice loses nothing more.
+    """
+    # Four UTF-8 bytes a character at most: a short topic needs no encoding to know.
+    if len(topic) * 4 <= TOPIC_SHOWN_MAX:
+        return topic
+    raw = topic.encode("utf-8", "surrogatepass")
+    if len(raw) <= TOPIC_SHOWN_MAX:
+        return topic
+    mark = f"[... cut, {len(raw)} bytes]"
+    kept = raw[: TOPIC_SHOWN_MAX - len(mark)].decode("utf-8", "ignore")
+    return kept + mark
+
+
 def parse_envelope(payload: bytes) -> Header:
     """Decode the flattened JWS; raise Rejected (too_large, bad_json, bad_envelope)."""
     if len(payload) > MAX_PAYLOAD:
@@ -206,6 +228,7 @@ def check_message(
     *,
     topic_prefix: str,
     max_clock_skew: timedelta,
+    max_data_age: timedelta,
 ) -> Message:
     """Every check of wire protocol v1 but the duplicate check (which needs the database).
 
@@ -216,7 +239,14 @@ def check_message(
     signed = prepare(payload, received_at, keys)
     if not signature_ok(signed):
         raise bad_signature(signed)
-    return accept_signed(signed, topic, received_at, topic_prefix=topic_prefix, max_clock_skew=max_clock_skew)
+    return accept_signed(
+        signed,
+        topic,
+        received_at,
+        topic_prefix=topic_prefix,
+        max_clock_skew=max_clock_skew,
+        max_data_age=max_data_age,
+    )
 
 
 # Not frozen: one is built for every message, and a frozen dataclass costs about 85 ns a
@@ -262,11 +292,21 @@ def unverifiable(signed: Signed) -> Rejected:
 
 
 def accept_signed(
-    signed: Signed, topic: str, received_at: datetime, *, topic_prefix: str, max_clock_skew: timedelta
+    signed: Signed,
+    topic: str,
+    received_at: datetime,
+    *,
+    topic_prefix: str,
+    max_clock_skew: timedelta,
+    max_data_age: timedelta,
 ) -> Message:
-    """The checks that read the body: only ever called once its signature verified."""
+    """The checks that read the body: only ever called once its signature verified.
+
+    ``max_data_age`` and ``max_clock_skew`` also bound the times inside the body (see
+    ``check_window``), and ``max_data_age`` how long before the receive time ``sent`` may
+    be."""
     try:
-        body = _signed_body(signed, topic, received_at, topic_prefix, max_clock_skew)
+        body = _signed_body(signed, topic, received_at, topic_prefix, max_clock_skew, max_data_age)
     except Rejected as exc:
         exc.kid = signed.header.kid
         raise
@@ -284,9 +324,15 @@ def accept_signed(
 
 
 def _signed_body(
-    signed: Signed, topic: str, received_at: datetime, topic_prefix: str, max_clock_skew: timedelta
+    signed: Signed,
+    topic: str,
+    received_at: datetime,
+    topic_prefix: str,
+    max_clock_skew: timedelta,
+    max_data_age: timedelta,
 ) -> Body:
     body = parse_body(signed.header.body)
+    check_window(body, max_age=max_data_age, max_ahead=max_clock_skew)
     owner = signed.key.meter_id
     if body.meter_id != owner:
         raise Rejected("topic_mismatch", f"body names {body.meter_id}, key belongs to {owner}")
@@ -294,6 +340,15 @@ def _signed_body(
         raise Rejected("topic_mismatch", f"body names {body.meter_id}, topic is {_short(topic)}")
     if body.sent - received_at > max_clock_skew:
         raise Rejected("clock_skew", f"sent {body.sent.isoformat()} is in the future")
+    if received_at - body.sent > max_data_age:
+        # The data window follows sent; were sent unbounded in the past, each message could
+        # place its window in another era, and a key holder make chunks without end. No
+        # honest message is older: a redelivery waits at most the flash retention and the
+        # broker's session expiry (the configuration checks), a replay has a fresh sent.
+        raise Rejected(
+            "clock_skew",
+            f"sent {format_time(body.sent)} is more than {_duration(max_data_age)} before the receive time",
+        )
     return body
 
 
@@ -340,6 +395,54 @@ def parse_body(raw: bytes) -> Body:
     readings = tuple(_reading(i, r) for i, r in enumerate(raw_readings))
     events = tuple(_event(i, e) for i, e in enumerate(raw_events))
     return Body(meter, epoch, seq, sent, replay, readings, events, content_digest(readings, events))
+
+
+def check_window(body: Body, *, max_age: timedelta, max_ahead: timedelta) -> None:
+    """Raise Rejected("bad_body") naming the first reading or event whose time is more than
+    ``max_age`` before the body's ``sent`` or more than ``max_ahead`` after it.
+
+    Readings and events are stored in hypertables partitioned by their time, one chunk per
+    interval: without a window, one signed message with times spread over centuries makes
+    a chunk per reading, and every query and plan not narrowed by time then opens all of
+    them. Within the window one message touches a fixed number of chunks (docs/security.md).
+    Relative to ``sent``, not to the receive time: a replay from flash is re-sent with a
+    fresh ``sent`` and its original readings, up to the flash retention old; a redelivery of
+    the same bytes keeps the original ``sent``, whenever it arrives (how old ``sent`` may
+    be is the clock check's, in ``_signed_body``).
+    """
+    # Near years 1 and 9999 the window's ends leave what datetime holds: then that end is
+    # open, and the times inside are already bounded by parsing.
+    try:
+        earliest = body.sent - max_age
+    except OverflowError:
+        earliest = datetime.min.replace(tzinfo=UTC)
+    try:
+        latest = body.sent + max_ahead
+    except OverflowError:
+        latest = datetime.max.replace(tzinfo=UTC)
+    items: tuple[tuple[str, Sequence[Reading | Event]], ...] = (
+        ("readings", body.readings),
+        ("events", body.events),
+    )
+    for name, values in items:
+        for index, value in enumerate(values):
+            if value.time < earliest:
+                where = f"more than {_duration(max_age)} before"
+            elif value.time > latest:
+                where = f"more than {_duration(max_ahead)} after"
+            else:
+                continue
+            raise Rejected(
+                "bad_body",
+                f"{name}[{index}].t {format_time(value.time)} is {where} sent {format_time(body.sent)}",
+            )
+
+
+def _duration(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    if seconds >= 86400 and seconds % 3600 == 0:
+        return f"{seconds / 86400:g} days"
+    return f"{seconds:g} s"
 
 
 def content_digest(readings: Sequence[Reading], events: Sequence[Event]) -> bytes:

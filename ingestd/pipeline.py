@@ -21,7 +21,15 @@ from typing import Final, Protocol, Self
 import structlog
 
 from ingestd.config import IngestConfig
-from ingestd.envelope import Signed, accept_signed, bad_signature, prepare, topic_meter, unverifiable
+from ingestd.envelope import (
+    Signed,
+    accept_signed,
+    bad_signature,
+    prepare,
+    shown_topic,
+    topic_meter,
+    unverifiable,
+)
 from ingestd.errors import Rejected
 from ingestd.faults import Fault, classify, describe, timed_out
 from ingestd.gaps import record_gap_counts
@@ -79,6 +87,7 @@ class Pipeline:
         self._upstream = upstream
         self._now = now
         self._skew = timedelta(seconds=config.max_clock_skew_s)
+        self._max_age = timedelta(days=config.max_data_age_days)
         self._pending: collections.deque[Delivery] = collections.deque()
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
@@ -223,7 +232,12 @@ class Pipeline:
     def _accept(self, d: Delivery, signed: Signed) -> Accept | Reject:
         try:
             message = accept_signed(
-                signed, d.topic, d.received_at, topic_prefix=self._prefix, max_clock_skew=self._skew
+                signed,
+                d.topic,
+                d.received_at,
+                topic_prefix=self._prefix,
+                max_clock_skew=self._skew,
+                max_data_age=self._max_age,
             )
         except Rejected as exc:
             return self._reject(d, exc)
@@ -238,7 +252,7 @@ class Pipeline:
     def _internal_error(self, d: Delivery, exc: Exception) -> Reject:
         # A check that fails in a way we did not foresee is our bug, not the meter's:
         # log it loudly and quarantine the message for a human to look at.
-        log.error("check_failed", topic=d.topic, exc_info=exc)
+        log.error("check_failed", topic=shown_topic(d.topic), exc_info=exc)
         return Reject(
             "bad_body", "internal error while checking", d.topic, d.payload, d.received_at, None, None
         )

@@ -90,10 +90,13 @@ class VirtualMeter:
         """The next uplink body, kept in flash: one reading for the interval that just ended."""
         self.seq += 1
         # One reading per interval, never two for the same one, even when the simulation
-        # runs faster than the metering interval.
+        # runs faster than the metering interval (tests, sub-second demos). Then no interval
+        # has ended since the last reading: the next is stamped a millisecond after it, not
+        # an interval ahead, since no meter reads an interval that has not ended, and the
+        # head-end refuses readings later than `sent` (docs/protocol.md section 4).
         end = _interval_end(now, self.interval_s)
         if self.last_interval is not None and end <= self.last_interval:
-            end = self.last_interval + timedelta(seconds=self.interval_s)
+            end = self.last_interval + timedelta(milliseconds=1)
         self.last_interval = end
         used = max(0.0, rng.gauss(self.load_w, self.load_w / 4)) * self.interval_s / 3600
         self.import_wh += round(used)

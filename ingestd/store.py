@@ -24,7 +24,7 @@ import orjson
 import structlog
 
 from ingestd.config import DatabaseConfig, GapsConfig, read_secret
-from ingestd.envelope import Message, MeterKey
+from ingestd.envelope import Message, MeterKey, shown_topic
 from ingestd.errors import IngestdError, RejectReason, ServiceUnavailable, UsageError
 from ingestd.gaps import GapCounts, seen_from, track_seqs
 from ingestd.signature import Alg, is_alg, load_public_key
@@ -94,6 +94,11 @@ class Reject:
     received_at: datetime
     meter_id: str | None
     kid: str | None
+
+    def __post_init__(self) -> None:
+        # Wherever a rejection is made, its topic (from the wire, up to 65,535 bytes) is
+        # cut once here, so that neither its quarantine row nor a log line carries more.
+        self.topic = shown_topic(self.topic)
 
 
 @dataclass(frozen=True, slots=True)

@@ -298,6 +298,10 @@ def test_wrong_type_in_the_env(name: str, value: str, key: str) -> None:
         ("[ingest]\nbatch_max = 2000\nmax_pending = 1000\n", "ingest.max_pending"),
         ("[ingest]\nverify_workers = 0\n", "ingest.verify_workers"),
         ("[ingest]\nmax_clock_skew_s = -1\n", "ingest.max_clock_skew_s"),
+        ("[ingest]\nmax_data_age_days = 0.5\n", "ingest.max_data_age_days"),
+        ("[ingest]\nmax_data_age_days = 3651\n", "ingest.max_data_age_days"),
+        ("[ingest]\nmax_data_age_days = 80\n", "ingest.max_data_age_days"),
+        ("[ingest]\nmax_data_age_days = 120\n[gaps]\nretention_days = 114\n", "ingest.max_data_age_days"),
         ("[ingest]\nkey_refresh_s = 0.0\n", "ingest.key_refresh_s"),
         ("[ingest]\nkey_refresh_s = nan\n", "ingest.key_refresh_s"),
         ("[ingest]\nkey_refresh_s = inf\n", "ingest.key_refresh_s"),
@@ -323,6 +327,22 @@ def test_out_of_range_value(tmp_path: Path, toml: str, key: str) -> None:
     exc = config_error(write(tmp_path, toml))
     assert exc.key == key
     assert key in str(exc)
+
+
+def test_data_window_must_hold_honest_replays_and_redeliveries() -> None:
+    exc = config_error(env={"INGESTD_GAPS_RETENTION_DAYS": "120"})
+    assert str(exc) == (
+        "ingest.max_data_age_days: must be at least gaps.retention_days plus mqtt.session_expiry_s"
+        " (127 days), or honest replays and redeliveries are rejected"
+    )
+    exc = config_error(env={"INGESTD_MQTT_SESSION_EXPIRY_S": str(30 * 86400)})
+    assert exc.key == "ingest.max_data_age_days"
+    assert "(120 days)" in str(exc)
+    config = load_config(
+        env={"INGESTD_GAPS_RETENTION_DAYS": "120", "INGESTD_INGEST_MAX_DATA_AGE_DAYS": "127"}
+    )
+    assert config.ingest.max_data_age_days == 127.0
+    assert load_config(env={}).ingest.max_data_age_days == 100.0
 
 
 def test_out_of_range_from_the_env() -> None:

@@ -34,7 +34,10 @@ def _body(
         "seq": seq,
         "sent": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "replay": False,
-        "readings": [{"t": "2026-11-24T00:15:00Z", "import_wh": import_wh + seq}],
+        # Relative to sent: a fixed time would leave the data window as the calendar moves.
+        "readings": [
+            {"t": (now - timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ"), "import_wh": import_wh + seq}
+        ],
         **extra,
     }
 

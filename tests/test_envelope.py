@@ -25,6 +25,7 @@ from ingestd.envelope import (
     MAX_INT64,
     MAX_PAYLOAD,
     MAX_READINGS,
+    TOPIC_SHOWN_MAX,
     Message,
     MeterKey,
     check_message,
@@ -32,6 +33,7 @@ from ingestd.envelope import (
     parse_body,
     parse_envelope,
     parse_time,
+    shown_topic,
     topic_meter,
 )
 from ingestd.errors import REJECT_REASONS, Rejected
@@ -39,6 +41,7 @@ from ingestd.signature import ALGS, Alg, Signer, b64url_encode, generate_private
 
 NOW = datetime(2026, 11, 24, 0, 15, 30, tzinfo=UTC)
 SKEW = timedelta(minutes=5)
+MAX_AGE = timedelta(days=100)  # ingest.max_data_age_days's default
 PREFIX = "meters"
 TOPIC = "meters/M1/up"
 DROP: Any = object()  # marks a body member to leave out
@@ -127,8 +130,11 @@ def check(
     topic: str = TOPIC,
     received_at: datetime = NOW,
     skew: timedelta = SKEW,
+    max_age: timedelta = MAX_AGE,
 ) -> Message:
-    return check_message(topic, payload, received_at, keys, topic_prefix=PREFIX, max_clock_skew=skew)
+    return check_message(
+        topic, payload, received_at, keys, topic_prefix=PREFIX, max_clock_skew=skew, max_data_age=max_age
+    )
 
 
 def rejected(
@@ -138,9 +144,10 @@ def rejected(
     topic: str = TOPIC,
     received_at: datetime = NOW,
     skew: timedelta = SKEW,
+    max_age: timedelta = MAX_AGE,
 ) -> Rejected:
     with pytest.raises(Rejected) as info:
-        check(payload, keys, topic=topic, received_at=received_at, skew=skew)
+        check(payload, keys, topic=topic, received_at=received_at, skew=skew, max_age=max_age)
     assert info.value.reason in REJECT_REASONS
     return info.value
 
@@ -537,6 +544,7 @@ def test_multi_level_topic_prefix(fleet: Fleet) -> None:
         fleet.lookup(),
         topic_prefix="site/a/meters",
         max_clock_skew=SKEW,
+        max_data_age=MAX_AGE,
     )
     assert message.meter_id == "M1"
 
@@ -894,11 +902,17 @@ def test_sent_six_minutes_ahead_is_clock_skew(fleet: Fleet, kid: str) -> None:
         timedelta(minutes=4),
         timedelta(minutes=5),  # the limit itself is allowed
         timedelta(0),
-        timedelta(days=-400),  # old messages are replays, not skew
+        -MAX_AGE,  # a redelivery as old as the data window: not skew
     ],
 )
 def test_sent_within_the_skew_is_accepted(fleet: Fleet, delta: timedelta) -> None:
-    message = check(jws(fleet.signers["es-1"], make_body(sent=sent_at(delta))), fleet.lookup())
+    # The data moves with sent: what the meter created at that moment.
+    body = make_body(
+        sent=sent_at(delta),
+        readings=[{"t": format_time(NOW + delta - timedelta(seconds=3)), "import_wh": 1}],
+        events=[],
+    )
+    message = check(jws(fleet.signers["es-1"], body), fleet.lookup())
     assert message.sent == NOW + delta
 
 
@@ -916,6 +930,157 @@ def test_skew_compares_instants_not_local_clock_text(fleet: Fleet) -> None:
     # 02:19:30+02:00 is 00:19:30Z: four minutes ahead, accepted.
     payload = jws(fleet.signers["es-1"], make_body(sent="2026-11-24T02:19:30+02:00"))
     assert check(payload, fleet.lookup()).sent == NOW + timedelta(minutes=4)
+
+
+# --- the time window (bad_body) ----------------------------------------------------------
+
+SENT = datetime(2026, 11, 24, 0, 15, 3, tzinfo=UTC)
+
+
+def timed_body(readings: list[datetime], events: list[datetime], **changes: Any) -> dict[str, Any]:
+    """The example body (sent SENT) with readings and events at these times."""
+    return make_body(
+        readings=[{"t": format_time(t), "import_wh": 1000 + i} for i, t in enumerate(readings)],
+        events=[{"t": format_time(t), "code": "001"} for t in events],
+        **changes,
+    )
+
+
+@pytest.mark.parametrize(
+    ("readings", "events"),
+    [
+        ([SENT - MAX_AGE], []),  # the oldest allowed, exactly
+        ([SENT + SKEW], []),  # the latest allowed, exactly
+        ([], [SENT - MAX_AGE, SENT + SKEW]),
+        ([SENT - MAX_AGE, SENT, SENT + SKEW], [SENT - MAX_AGE, SENT + SKEW]),
+    ],
+)
+def test_times_within_the_window_are_accepted(
+    fleet: Fleet, readings: list[datetime], events: list[datetime]
+) -> None:
+    message = check(jws(fleet.signers["es-1"], timed_body(readings, events)), fleet.lookup())
+    assert [r.time for r in message.readings] == readings
+    assert [e.time for e in message.events] == events
+
+
+@pytest.mark.parametrize(
+    ("readings", "events", "detail"),
+    [
+        (
+            [SENT - MAX_AGE - timedelta(microseconds=1)],
+            [],
+            "readings[0].t 2026-08-16T00:15:02.999Z is more than 100 days before sent 2026-11-24T00:15:03Z",
+        ),
+        (
+            [SENT, SENT, SENT + SKEW + timedelta(seconds=1)],
+            [],
+            "readings[2].t 2026-11-24T00:20:04Z is more than 300 s after sent 2026-11-24T00:15:03Z",
+        ),
+        (
+            [SENT],
+            [SENT, datetime(1, 1, 1, 0, 0, 1, tzinfo=UTC)],
+            "events[1].t 0001-01-01T00:00:01Z is more than 100 days before sent",
+        ),
+        (
+            [SENT],
+            [datetime(9999, 1, 1, tzinfo=UTC)],
+            "events[0].t 9999-01-01T00:00:00Z is more than 300 s after",
+        ),
+    ],
+)
+def test_a_time_outside_the_window_is_bad_body_naming_it(
+    fleet: Fleet, readings: list[datetime], events: list[datetime], detail: str
+) -> None:
+    exc = rejected(jws(fleet.signers["es-1"], timed_body(readings, events)), fleet.lookup())
+    assert exc.reason == "bad_body"
+    assert detail in exc.detail, exc.detail
+    assert exc.kid == "es-1"
+
+
+def test_the_window_follows_its_settings(fleet: Fleet) -> None:
+    payload = jws(
+        fleet.signers["es-1"], timed_body([SENT - timedelta(days=11)], [SENT + timedelta(minutes=2)])
+    )
+    assert check(payload, fleet.lookup()).seq == 1042
+    too_old = rejected(payload, fleet.lookup(), max_age=timedelta(days=10))
+    assert "more than 10 days before" in too_old.detail
+    too_late = rejected(payload, fleet.lookup(), skew=timedelta(minutes=1))
+    assert "more than 60 s after" in too_late.detail
+
+
+def test_the_window_is_read_before_the_topic(fleet: Fleet) -> None:
+    # docs/protocol.md section 6: the window is part of the body's validity (step 8).
+    payload = jws(fleet.signers["es-1"], timed_body([SENT - 2 * MAX_AGE], []))
+    assert rejected(payload, fleet.lookup(), topic="meters/M2/up").reason == "bad_body"
+
+
+@pytest.mark.parametrize("age", [timedelta(0), timedelta(days=30), timedelta(days=90), MAX_AGE])
+def test_honest_replay_from_flash_is_accepted(fleet: Fleet, age: timedelta) -> None:
+    """A replay keeps the original readings and events and is re-sent with a fresh sent
+    (docs/protocol.md section 9): its data is as old as the flash it comes from."""
+    created = NOW - age
+    original = timed_body([created], [created], sent=format_time(created))
+    replay = dict(original, sent=format_time(NOW), replay=True)
+    first = check(jws(fleet.signers["es-1"], original), fleet.lookup(), received_at=created)
+    again = check(jws(fleet.signers["es-1"], replay), fleet.lookup())
+    assert again.replay
+    assert again.digest == first.digest
+
+
+def test_redelivery_of_the_same_bytes_long_after_is_accepted(fleet: Fleet) -> None:
+    """A redelivery keeps its bytes, so its original sent: the window is judged from sent,
+    not from the receive time, and sent may be as old as the window (an offline meter, a
+    week at the broker)."""
+    created = NOW - MAX_AGE
+    payload = jws(
+        fleet.signers["es-1"], timed_body([created - MAX_AGE], [created], sent=format_time(created))
+    )
+    assert check(payload, fleet.lookup()).sent == created
+
+
+@pytest.mark.parametrize("max_age", [MAX_AGE, timedelta(days=7)])
+def test_sent_older_than_the_window_before_receipt_is_clock_skew(fleet: Fleet, max_age: timedelta) -> None:
+    """Else each message could place its window in another era (docs/security.md)."""
+    sent = NOW - max_age - timedelta(seconds=1)
+    payload = jws(fleet.signers["es-1"], timed_body([sent], [sent], sent=format_time(sent)))
+    exc = rejected(payload, fleet.lookup(), max_age=max_age)
+    assert exc.reason == "clock_skew"
+    assert exc.detail == f"sent {format_time(sent)} is more than {max_age.days} days before the receive time"
+    assert exc.kid == "es-1"
+    limit = sent + timedelta(seconds=1)
+    on_the_limit = jws(fleet.signers["es-1"], timed_body([sent], [], sent=format_time(limit)))
+    assert check(on_the_limit, fleet.lookup(), max_age=max_age).sent == limit
+
+
+def test_window_ends_beyond_datetimes_range_do_not_break_the_check(fleet: Fleet) -> None:
+    early_sent = datetime(1, 1, 1, 0, 5, tzinfo=UTC)
+    early = timed_body([datetime(1, 1, 1, 0, 0, 1, tzinfo=UTC)], [], sent=format_time(early_sent))
+    assert check(jws(fleet.signers["es-1"], early), fleet.lookup(), received_at=early_sent).seq == 1042
+    late_sent = datetime(9999, 12, 31, 23, 58, tzinfo=UTC)
+    late = timed_body([datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)], [], sent=format_time(late_sent))
+    assert check(jws(fleet.signers["es-1"], late), fleet.lookup(), received_at=late_sent).seq == 1042
+
+
+# --- shown_topic --------------------------------------------------------------------------
+
+
+def test_short_topics_are_shown_whole() -> None:
+    assert shown_topic("meters/M1/up") == "meters/M1/up"
+    exact = "m/" + "é" * ((TOPIC_SHOWN_MAX - 2) // 2)
+    assert len(exact.encode()) == TOPIC_SHOWN_MAX
+    assert shown_topic(exact) == exact
+
+
+@pytest.mark.parametrize("char", ["x", "é", "\u20ac", "\U0001f600"])
+def test_long_topics_are_cut_and_marked(char: str) -> None:
+    topic = "meters/" + char * 60_000 + "/up"
+    shown = shown_topic(topic)
+    kept, mark = shown.split("[... cut, ")
+    assert mark == f"{len(topic.encode())} bytes]"
+    assert topic.startswith(kept)
+    # Whole characters only: a cut through one drops it.
+    assert TOPIC_SHOWN_MAX - 3 <= len(shown.encode()) <= TOPIC_SHOWN_MAX
+    assert shown_topic(shown) == shown
 
 
 # --- accepted messages ----------------------------------------------------------------

@@ -3,7 +3,8 @@
 test_envelope.py shows that arbitrary signed bodies end as a Message or a Rejected, never
 another exception. This closes the other half on the real database: hypothesis builds
 signed bodies that pass every check but lie at the edges of what the protocol allows
-(times in years 1 and 9999 with any offset and up to 9 fraction digits, registers up to
+(times with any offset and up to 9 fraction digits, within the data window of `sent` and
+now and then anywhere in years 1-9999 (refused: clock_skew or bad_body), registers up to
 2^63-1, epoch and seq anywhere in range, any Unicode and numbers up to 2^64-1 or 1e308 in
 a reading's extra fields and an event's detail, unknown members), and writes batches of
 them with Store.write_batch. No batch may fail, each message ends new, duplicate or
@@ -26,7 +27,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingestd.envelope import MAX_INT64, MeterKey, check_message
+from ingestd.envelope import MAX_INT64, MeterKey, check_message, format_time, parse_time
 from ingestd.errors import Rejected
 from ingestd.signature import Signer, generate_private_key
 from ingestd.store import Accept, Store
@@ -87,37 +88,79 @@ def times(last: datetime = LAST) -> st.SearchStrategy[str]:
     return local_times(last) | st.sampled_from([e for e in EDGES if int(e[:4]) <= last.year])
 
 
-READINGS = st.builds(
-    lambda t, imp, exp, extra: {
-        "t": t,
-        "import_wh": imp,
-        **({"export_wh": exp} if exp is not None else {}),
-        **extra,
-    },
-    times(),
-    st.integers(min_value=0, max_value=MAX_INT64),
-    st.none() | st.integers(min_value=0, max_value=MAX_INT64),
-    st.dictionaries(EXTRA_KEYS, VALUES, max_size=3),
-)
-EVENTS = st.fixed_dictionaries(
-    {"t": times(), "code": st.from_regex(r"[0-9]{3}", fullmatch=True)},
-    optional={"detail": st.dictionaries(TEXT, VALUES, max_size=3)},
-)
-BODIES = st.fixed_dictionaries(
-    {
-        "v": st.just(1),
-        "meter": st.just(METER),
-        "epoch": st.integers(min_value=0, max_value=MAX_INT64) | st.integers(min_value=0, max_value=3),
-        "seq": st.integers(min_value=1, max_value=MAX_INT64) | st.integers(min_value=1, max_value=5),
-        # In the past (else mostly clock_skew); a sent in the future is test_envelope's.
-        "sent": times(last=datetime(2026, 1, 1)),  # noqa: DTZ001
-        "readings": st.lists(READINGS, max_size=4),
-    },
-    optional={
-        "replay": st.booleans(),
-        "events": st.lists(EVENTS, max_size=3),
-        "firmware": VALUES,  # an unknown member: kept in the raw copy only
-    },
+@st.composite
+def times_near(draw: st.DrawFn, sent: str) -> str:
+    """Mostly a time within the data window of ``sent`` (100 days before it to 5 minutes
+    after, in any offset and with 0 to 9 fraction digits), sometimes one anywhere in years
+    1-9999 (refused by the window unless it happens to fall inside)."""
+    try:
+        instant = parse_time(sent)
+    except ValueError:
+        return draw(times())
+    if draw(st.integers(0, 19)) == 0:
+        return draw(times())
+    # A second inside both ends: fewer fraction digits than six truncate the time.
+    seconds = draw(st.integers(min_value=-(100 * 86400 - 1), max_value=299))
+    micro = draw(st.integers(min_value=0, max_value=999_999))
+    minutes = draw(st.integers(min_value=-(23 * 60 + 59), max_value=23 * 60 + 59))
+    try:
+        local = instant + timedelta(seconds=seconds, microseconds=micro, minutes=minutes)
+    except OverflowError:
+        return sent
+    if not 1 <= local.year <= 9999 or local in {
+        datetime.min.replace(tzinfo=UTC),
+        datetime.max.replace(tzinfo=UTC),
+    }:
+        return sent
+    sign = "-" if minutes < 0 else "+"
+    offset = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}" if minutes else "Z"
+    digits = draw(st.integers(min_value=0, max_value=9))
+    fraction = (f"{local.microsecond:06d}" + draw(st.from_regex(r"[0-9]{3}", fullmatch=True)))[:digits]
+    return f"{local.year:04d}-{local:%m-%dT%H:%M:%S}" + (f".{fraction}" if digits else "") + offset
+
+
+def readings(sent: str) -> st.SearchStrategy[dict[str, Any]]:
+    return st.builds(
+        lambda t, imp, exp, extra: {
+            "t": t,
+            "import_wh": imp,
+            **({"export_wh": exp} if exp is not None else {}),
+            **extra,
+        },
+        times_near(sent),
+        st.integers(min_value=0, max_value=MAX_INT64),
+        st.none() | st.integers(min_value=0, max_value=MAX_INT64),
+        st.dictionaries(EXTRA_KEYS, VALUES, max_size=3),
+    )
+
+
+def events(sent: str) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {"t": times_near(sent), "code": st.from_regex(r"[0-9]{3}", fullmatch=True)},
+        optional={"detail": st.dictionaries(TEXT, VALUES, max_size=3)},
+    )
+
+
+# Before the test's receive time, and after the data window's start (else clock_skew), in
+# any offset and precision, and now and then anywhere; a sent in the future is
+# test_envelope's. The readings and events are drawn around it, as a meter's are.
+RECENT = format_time(datetime.now(UTC) - timedelta(days=1))
+BODIES = times_near(RECENT).flatmap(
+    lambda sent: st.fixed_dictionaries(
+        {
+            "v": st.just(1),
+            "meter": st.just(METER),
+            "epoch": st.integers(min_value=0, max_value=MAX_INT64) | st.integers(min_value=0, max_value=3),
+            "seq": st.integers(min_value=1, max_value=MAX_INT64) | st.integers(min_value=1, max_value=5),
+            "sent": st.just(sent),
+            "readings": st.lists(readings(sent), max_size=4),
+        },
+        optional={
+            "replay": st.booleans(),
+            "events": st.lists(events(sent), max_size=3),
+            "firmware": VALUES,  # an unknown member: kept in the raw copy only
+        },
+    )
 )
 
 
@@ -195,15 +238,27 @@ async def test_property_whatever_is_accepted_is_stored_as_signed(store: Store, d
             verdict: Rejected | None = None
             try:
                 message = check_message(
-                    TOPIC, payload, now, KEYS, topic_prefix="meters", max_clock_skew=timedelta(minutes=5)
+                    TOPIC,
+                    payload,
+                    now,
+                    KEYS,
+                    topic_prefix="meters",
+                    max_clock_skew=timedelta(minutes=5),
+                    max_data_age=timedelta(days=100),
                 )
             except Rejected as exc:
                 verdict = exc
             if verdict is not None:
-                # Only what the generator cannot avoid: a sent in the future, or a time
-                # that leaves years 1-9999 once its offset is applied.
+                # Only what the generator cannot avoid: a sent in the future or older than
+                # the window, a time that leaves years 1-9999 once its offset is applied, or
+                # one drawn outside the data window on purpose.
                 assert verdict.reason in {"clock_skew", "bad_body"}, verdict
-                assert verdict.reason == "clock_skew" or "RFC 3339" in verdict.detail, verdict
+                assert (
+                    verdict.reason == "clock_skew"
+                    or "RFC 3339" in verdict.detail
+                    or " before sent " in verdict.detail
+                    or " after sent " in verdict.detail
+                ), verdict
                 outcomes["rejected"] += 1
                 continue
             outcomes["accepted"] += 1
