@@ -14,12 +14,13 @@ each prunes, harmlessly (a row is deleted once).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import asyncpg
 import structlog
+from prometheus_client import Counter
 
 from ingestd.config import GapsConfig, IngestConfig
 from ingestd.metrics import Metrics
@@ -31,16 +32,25 @@ PRUNE_EVERY_S: Final = 3600.0
 
 
 class _Pruner:
-    """One pruning task: :meth:`run` calls :meth:`prune` at start-up and every hour."""
+    """Deletes rows older than a retention: at start-up and every hour, in :meth:`run`."""
 
-    what: str
+    def __init__(
+        self,
+        what: str,
+        keep_days: float,
+        delete_before: Callable[[datetime], Awaitable[int]],
+        counter: Counter,
+        now: Callable[[], datetime],
+    ) -> None:
+        self._what = what
+        self._keep = timedelta(days=keep_days)
+        self._delete_before = delete_before
+        self._counter = counter
+        self._now = now
 
     @property
     def enabled(self) -> bool:
-        raise NotImplementedError
-
-    async def prune(self) -> int:
-        raise NotImplementedError
+        return self._keep > timedelta(0)
 
     async def run(self) -> None:
         if not self.enabled:
@@ -50,14 +60,23 @@ class _Pruner:
                 await self.prune()
             except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 # Housekeeping: ingestion goes on without it, and the next hour tries again.
-                log.warning("prune_failed", what=self.what, error=str(exc) or type(exc).__name__)
+                log.warning("prune_failed", what=self._what, error=str(exc) or type(exc).__name__)
             await asyncio.sleep(PRUNE_EVERY_S)
+
+    async def prune(self) -> int:
+        """Delete what is older than the retention now; returns how many rows."""
+        if not self.enabled:
+            return 0
+        before = self._now() - self._keep
+        deleted = await self._delete_before(before)
+        self._counter.inc(deleted)
+        if deleted:
+            log.info("pruned", what=self._what, rows=deleted, before=before.isoformat(timespec="seconds"))
+        return deleted
 
 
 class QuarantineRetention(_Pruner):
-    """The daemon's quarantine pruning, one task: :meth:`run`."""
-
-    what = "quarantine"
+    """Quarantine rows older than ``ingest.quarantine_retention_days``."""
 
     def __init__(
         self,
@@ -67,31 +86,17 @@ class QuarantineRetention(_Pruner):
         metrics: Metrics,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._keep = timedelta(days=config.quarantine_retention_days)
-        self._store = store
-        self._metrics = metrics
-        self._now = now
-
-    @property
-    def enabled(self) -> bool:
-        return self._keep > timedelta(0)
-
-    async def prune(self) -> int:
-        """Delete what is older than the retention now; returns how many rows."""
-        if not self.enabled:
-            return 0
-        before = self._now() - self._keep
-        deleted = await self._store.prune_quarantine(before)
-        self._metrics.quarantine_pruned.inc(deleted)
-        if deleted:
-            log.info("quarantine_pruned", rows=deleted, before=before.isoformat(timespec="seconds"))
-        return deleted
+        super().__init__(
+            "quarantine",
+            config.quarantine_retention_days,
+            store.prune_quarantine,
+            metrics.quarantine_pruned,
+            now,
+        )
 
 
 class ClosedGapRetention(_Pruner):
-    """The daemon's pruning of closed gaps, one task: :meth:`run`."""
-
-    what = "gaps"
+    """Gaps filled or lost more than ``gaps.closed_retention_days`` ago."""
 
     def __init__(
         self,
@@ -101,22 +106,6 @@ class ClosedGapRetention(_Pruner):
         metrics: Metrics,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._keep = timedelta(days=config.closed_retention_days)
-        self._store = store
-        self._metrics = metrics
-        self._now = now
-
-    @property
-    def enabled(self) -> bool:
-        return self._keep > timedelta(0)
-
-    async def prune(self) -> int:
-        """Delete gaps closed before the retention; returns how many rows."""
-        if not self.enabled:
-            return 0
-        before = self._now() - self._keep
-        deleted = await self._store.prune_closed_gaps(before)
-        self._metrics.gaps_pruned.inc(deleted)
-        if deleted:
-            log.info("gaps_pruned", rows=deleted, before=before.isoformat(timespec="seconds"))
-        return deleted
+        super().__init__(
+            "gaps", config.closed_retention_days, store.prune_closed_gaps, metrics.gaps_pruned, now
+        )
