@@ -25,7 +25,7 @@ from ingestd.health import HealthMonitor
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
-from ingestd.pipeline import Pipeline
+from ingestd.pipeline import Pipeline, receive_maximum
 from ingestd.retention import QuarantineRetention
 from ingestd.store import Store
 from ingestd.systemd import Notifier
@@ -75,6 +75,7 @@ class Daemon:
                 lambda delivery: pipeline.submit(delivery),  # noqa: PLW0108 - pipeline is bound below
                 on_state=self.metrics.mqtt_connected.set,
                 state_topic=f"headend/{cfg.headend.instance}/state",
+                receive_maximum=receive_maximum(cfg.ingest),
             )
             pipeline = Pipeline(
                 cfg.ingest,

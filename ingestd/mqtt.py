@@ -9,7 +9,10 @@ that reaches beneath it, so that a PUBACK leaves only after our database commit:
 - the socket's read callback can be paused, so that when too much is pending the broker,
   not our memory, holds the backlog (its QoS 1 queue for our persistent session).
   Receive Maximum cannot do this: Mosquitto 2.0 honours it only for the first window and
-  then delivers the whole backlog. While paused, paho would see no PINGRESP and drop the
+  then delivers the whole backlog. It does bound that first window, though: what a
+  persistent session's queue pours in right after the CONNACK, while the subscription and
+  the online state are still waiting for their answers behind it and intake cannot pause
+  yet, so the caller sizes it to the pending bounds. While paused, paho would see no PINGRESP and drop the
   connection after one keepalive; ``_KeepaliveGuard`` tells it the broker is alive (it is:
   TCP would say otherwise), so PINGREQs keep going out and the broker keeps us too.
 
@@ -45,7 +48,7 @@ from ingestd.config import MqttConfig, read_secret
 log = structlog.get_logger("ingestd.mqtt")
 
 # The largest Receive Maximum MQTT v5 allows: the broker may have this many QoS 1 messages
-# unacknowledged with us, which batching with ack-after-commit needs (a batch is 1000).
+# unacknowledged with us. Batching with ack-after-commit needs several batches' worth.
 RECEIVE_MAXIMUM: Final = 65535
 # PUBACK: fixed header, remaining length 2, packet id (MQTT v5 allows omitting the reason).
 _PUBACK: Final = struct.Struct("!BBH")
@@ -79,8 +82,10 @@ class MqttLink:
         *,
         on_state: Callable[[bool], None] | None = None,
         state_topic: str | None = None,
+        receive_maximum: int = RECEIVE_MAXIMUM,
     ) -> None:
         self._config = config
+        self._receive_maximum = receive_maximum
         self._sink = sink
         self._on_state = on_state or (lambda _up: None)
         # Retained {"online": ...}; the broker publishes the offline one (the will) if we die.
@@ -235,7 +240,7 @@ class MqttLink:
         cfg = self._config
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = cfg.session_expiry_s
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        props.ReceiveMaximum = self._receive_maximum
         password = read_secret("mqtt.password_file", cfg.password_file) if cfg.password_file else None
         client = aiomqtt.Client(
             cfg.host,
