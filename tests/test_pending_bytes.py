@@ -13,11 +13,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
 import asyncpg
+import pytest
 
 from conftest import running_daemon, with_ingest
 from helpers import FastPublisher, max_size_messages, metric, wait_settled
-from ingestd.config import Config, IngestConfig
+from ingestd.config import Config, IngestConfig, load_config
 from ingestd.envelope import MAX_PAYLOAD, MAX_READINGS
+from ingestd.errors import ConfigError
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics
 from ingestd.mqtt import Delivery
@@ -66,6 +68,23 @@ def test_budget_is_low_only_below_half_of_both_bounds() -> None:
     assert budget.low  # 4 messages, 20 bytes
     budget.take(31)
     assert not budget.low  # 5 messages, 51 bytes: more than half of 100
+
+
+def test_byte_bounds_are_settings_with_environment_overrides() -> None:
+    config = load_config(
+        env={"INGESTD_INGEST_MAX_PENDING_BYTES": "67108864", "INGESTD_INGEST_BATCH_MAX_BYTES": "1048576"}
+    )
+    assert (config.ingest.max_pending_bytes, config.ingest.batch_max_bytes) == (64 * 2**20, 2**20)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"INGESTD_INGEST_MAX_PENDING_BYTES": "1000"})
+    assert str(info.value) == "ingest.max_pending_bytes: must be between 4194304 and 1099511627776, got 1000"
+    # Below one message of the largest size, or a batch bound above the pending one.
+    with pytest.raises(ConfigError, match=r"^ingest\.batch_max_bytes: "):
+        load_config(env={"INGESTD_INGEST_BATCH_MAX_BYTES": "65535"})
+    with pytest.raises(ConfigError, match=r"^ingest\.max_pending_bytes: "):
+        load_config(
+            env={"INGESTD_INGEST_BATCH_MAX_BYTES": "8388608", "INGESTD_INGEST_MAX_PENDING_BYTES": "4194304"}
+        )
 
 
 def test_receive_maximum_keeps_the_first_burst_within_both_bounds() -> None:
