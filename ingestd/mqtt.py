@@ -50,6 +50,11 @@ log = structlog.get_logger("ingestd.mqtt")
 # The largest Receive Maximum MQTT v5 allows: the broker may have this many QoS 1 messages
 # unacknowledged with us. Batching with ack-after-commit needs several batches' worth.
 RECEIVE_MAXIMUM: Final = 65535
+# The largest packet the broker may send us (MQTT v5 Maximum Packet Size; larger ones it
+# drops, and Mosquitto logs "Dropping too large outgoing PUBLISH"). A payload over 64 KiB
+# is refused anyway: up to here it still arrives, to be quarantined as too_large; a larger
+# one (MQTT allows 256 MB) would be read whole into memory before it could be refused.
+MAXIMUM_PACKET_SIZE: Final = 1024 * 1024
 # PUBACK: fixed header, remaining length 2, packet id (MQTT v5 allows omitting the reason).
 _PUBACK: Final = struct.Struct("!BBH")
 
@@ -241,6 +246,7 @@ class MqttLink:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = cfg.session_expiry_s
         props.ReceiveMaximum = self._receive_maximum
+        props.MaximumPacketSize = MAXIMUM_PACKET_SIZE
         password = read_secret("mqtt.password_file", cfg.password_file) if cfg.password_file else None
         client = aiomqtt.Client(
             cfg.host,

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from conftest import running_daemon, with_ingest
-from helpers import FastPublisher, max_size_messages, metric, wait_settled
+from helpers import FastPublisher, max_size_messages, metric, publish, wait_settled
 from ingestd.config import Config, IngestConfig, load_config
 from ingestd.envelope import MAX_PAYLOAD, MAX_READINGS
 from ingestd.errors import ConfigError
@@ -304,3 +304,24 @@ async def test_backlog_of_maximum_size_messages_is_drained_within_the_byte_bound
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
     stored = [r[0] for r in await db.fetch("SELECT payload FROM raw_messages")]
     assert sorted(stored) == sorted(payload for _, payload in backlog)
+
+
+async def test_a_message_over_the_maximum_packet_size_never_reaches_the_daemon(
+    config: Config, db: Conn
+) -> None:
+    """A PUBLISH may carry 256 MB, read whole before anything can refuse it: the broker is
+    told not to send ingestd packets over 1 MiB. Up to that, an oversized message still
+    arrives and is quarantined as too_large, so that it is seen."""
+    topic = f"{config.mqtt.topic_prefix}/M-1/up"
+    async with running_daemon(config) as daemon:
+        registry = daemon.metrics.registry
+        # The last one is the barrier: the broker delivers in order, so once it is in, the
+        # 2 MiB message before it was dropped, not delayed.
+        messages = [(topic, b"x" * (100 * KIB)), (topic, b"x" * (2048 * KIB)), (topic, b"{")]
+        await publish(config.mqtt.host, config.mqtt.port, messages)
+        await wait_settled(registry, 2)
+        assert metric(registry, "ingestd_messages_rejected_total", reason="too_large") == 1
+        assert metric(registry, "ingestd_messages_rejected_total", reason="bad_json") == 1
+        assert metric(registry, "ingestd_messages_received_total") == 2
+    rows = await db.fetch("SELECT reason, payload_size FROM quarantine ORDER BY id")
+    assert [tuple(r) for r in rows] == [("too_large", 100 * KIB), ("bad_json", 1)]
