@@ -291,9 +291,10 @@ async def test_backlog_of_maximum_size_messages_is_drained_within_the_byte_bound
         batches = metric(registry, "ingestd_batch_size_count")
 
     # Intake paused on bytes (the message bound, 20,000, was never near), and never held
-    # more than the bound plus the one message that reached it.
+    # more than the bound plus the one message that reached it. (Paused stays 1 for two
+    # batches at least, so the sampler sees it; the moment of the peak it may miss.)
     assert peaks.paused, "intake never paused"
-    assert MAX_PENDING_BYTES <= peaks.pending_bytes < MAX_PENDING_BYTES + largest, peaks
+    assert peaks.pending_bytes < MAX_PENDING_BYTES + largest, peaks
     assert peaks.pending_messages * (MAX_PAYLOAD - 64) < MAX_PENDING_BYTES + largest, peaks
     # Batches of at most 256 KiB: four maximum-size messages each.
     assert batches >= BACKLOG / 4
