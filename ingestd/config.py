@@ -106,9 +106,16 @@ class IngestConfig:
     # A batch is written when it holds batch_max messages or its oldest waited batch_wait_ms.
     batch_max: int = 1000
     batch_wait_ms: int = 50
+    # A batch also ends before it holds batch_max_bytes of payload (at least one message):
+    # parsed, a large message takes several times its size, and three batches are in
+    # memory at once (being verified, waiting, being written).
+    batch_max_bytes: int = 4 * 1024 * 1024
     # Unacknowledged messages held in memory; past this, we stop reading the broker socket
     # and the broker keeps the rest (it never loses a QoS 1 message it has not delivered).
     max_pending: int = 20000
+    # The same bound in payload bytes, for large messages: 20000 of 64 KiB would be 1.3 GB.
+    # Sized for the systemd unit's MemoryMax=1G, with the workers and three batches beside.
+    max_pending_bytes: int = 128 * 1024 * 1024
     # Processes that verify signatures beside the event loop (about one per core).
     verify_workers: int = 2
     max_clock_skew_s: int = 300
@@ -131,6 +138,9 @@ class IngestConfig:
         _require_range("ingest.batch_max", self.batch_max, 1, 10000)
         _require_range("ingest.batch_wait_ms", self.batch_wait_ms, 1, 10000)
         _require_range("ingest.max_pending", self.max_pending, self.batch_max, 10_000_000)
+        # Neither below one message of the largest size the protocol allows (64 KiB).
+        _require_range("ingest.batch_max_bytes", self.batch_max_bytes, 65536, 2**30)
+        _require_range("ingest.max_pending_bytes", self.max_pending_bytes, self.batch_max_bytes, 2**40)
         _require_range("ingest.verify_workers", self.verify_workers, 1, 64)
         _require_range("ingest.max_clock_skew_s", self.max_clock_skew_s, 0, 86400)
         _require_range("ingest.max_data_age_days", self.max_data_age_days, 1, 3650)
@@ -396,7 +406,12 @@ def _coerce(key: str, hint: Any, value: Any, *, from_env: bool) -> Any:  # noqa:
 
 def _require_range(key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
-        raise ConfigError(key, f"must be between {low:g} and {high:g}, got {value:g}")
+        raise ConfigError(key, f"must be between {_number(low)} and {_number(high)}, got {_number(value)}")
+
+
+def _number(value: float) -> str:
+    # Whole numbers in full: a byte bound read as 4.1943e+06 helps nobody.
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _require_url(key: str, value: str, schemes: tuple[str, ...]) -> None:

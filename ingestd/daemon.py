@@ -26,7 +26,7 @@ from ingestd.health import HealthMonitor
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
-from ingestd.pipeline import Pipeline
+from ingestd.pipeline import Pipeline, receive_maximum
 from ingestd.retention import ClosedGapRetention, QuarantineRetention
 from ingestd.store import Store
 from ingestd.systemd import Notifier
@@ -86,6 +86,7 @@ class Daemon:
                 on_disconnect=self.metrics.mqtt_disconnects.inc,
                 state_topic=f"headend/{cfg.headend.instance}/state",
                 now=self._now,
+                receive_maximum=receive_maximum(cfg.ingest),
             )
             pipeline = Pipeline(
                 cfg.ingest,

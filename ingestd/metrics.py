@@ -71,6 +71,11 @@ class Metrics:
             "Messages received and not yet acknowledged (held in memory).",
             registry=r,
         )
+        self.pending_bytes = Gauge(
+            "ingestd_pending_bytes",
+            "Payload bytes of the messages received and not yet acknowledged.",
+            registry=r,
+        )
         self.intake_paused = Gauge(
             "ingestd_intake_paused",
             "1 while reading from the broker is paused because too much is pending.",

@@ -9,7 +9,10 @@ that reaches beneath it, so that a PUBACK leaves only after our database commit:
 - the socket's read callback can be paused, so that when too much is pending the broker,
   not our memory, holds the backlog (its QoS 1 queue for our persistent session).
   Receive Maximum cannot do this: Mosquitto 2.0 honours it only for the first window and
-  then delivers the whole backlog. While paused, paho would see no PINGRESP and drop the
+  then delivers the whole backlog. It does bound that first window, though: what a
+  persistent session's queue pours in right after the CONNACK, while the subscription and
+  the online state are still waiting for their answers behind it and intake cannot pause
+  yet, so the caller sizes it to the pending bounds. While paused, paho would see no PINGRESP and drop the
   connection after one keepalive; ``_KeepaliveGuard`` tells it the broker is alive (it is:
   TCP would say otherwise), so PINGREQs keep going out and the broker keeps us too.
 
@@ -47,8 +50,13 @@ from ingestd.config import MqttConfig, read_secret
 log = structlog.get_logger("ingestd.mqtt")
 
 # The largest Receive Maximum MQTT v5 allows: the broker may have this many QoS 1 messages
-# unacknowledged with us, which batching with ack-after-commit needs (a batch is 1000).
+# unacknowledged with us. Batching with ack-after-commit needs several batches' worth.
 RECEIVE_MAXIMUM: Final = 65535
+# The largest packet the broker may send us (MQTT v5 Maximum Packet Size; larger ones it
+# drops, and Mosquitto logs "Dropping too large outgoing PUBLISH"). A payload over 64 KiB
+# is refused anyway: up to here it still arrives, to be quarantined as too_large; a larger
+# one (MQTT allows 256 MB) would be read whole into memory before it could be refused.
+MAXIMUM_PACKET_SIZE: Final = 1024 * 1024
 # PUBACK: fixed header, remaining length 2, packet id (MQTT v5 allows omitting the reason).
 _PUBACK: Final = struct.Struct("!BBH")
 
@@ -83,8 +91,10 @@ class MqttLink:
         on_disconnect: Callable[[], None] | None = None,
         state_topic: str | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        receive_maximum: int = RECEIVE_MAXIMUM,
     ) -> None:
         self._config = config
+        self._receive_maximum = receive_maximum
         self._sink = sink
         # Stamps received_at; the daemon's is the database's clock (ingestd.clock).
         self._now = now
@@ -299,7 +309,8 @@ class MqttLink:
         cfg = self._config
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = cfg.session_expiry_s
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        props.ReceiveMaximum = self._receive_maximum
+        props.MaximumPacketSize = MAXIMUM_PACKET_SIZE
         password = read_secret("mqtt.password_file", cfg.password_file) if cfg.password_file else None
         client = aiomqtt.Client(
             cfg.host,

@@ -4,8 +4,10 @@
 
 Two stages, so that the next batch is verified while the last one is being written.
 A delivery is acknowledged only after the transaction that stored it (or its rejection)
-has committed; until then it counts against ``max_pending``, and past that the broker
-socket is not read at all, so memory stays bounded however far the database falls behind.
+has committed; until then it counts against ``max_pending`` (messages) and
+``max_pending_bytes`` (payload bytes), and past either the broker socket is not read at
+all, so memory stays bounded however far the database falls behind. A batch is bounded
+in bytes too (``batch_max_bytes``): parsed, a message takes several times its size.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import structlog
 
 from ingestd.config import IngestConfig
 from ingestd.envelope import (
+    MAX_PAYLOAD,
     Signed,
     accept_signed,
     bad_signature,
@@ -35,7 +38,7 @@ from ingestd.faults import Fault, classify, describe, timed_out
 from ingestd.gaps import record_gap_counts
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics
-from ingestd.mqtt import Delivery
+from ingestd.mqtt import RECEIVE_MAXIMUM, Delivery
 from ingestd.store import Accept, BatchResult, Reject, Store, seq_conflict
 from ingestd.verifier import VerifierPool
 
@@ -53,6 +56,52 @@ class Upstream(Protocol):
     def ack_many(self, deliveries: Sequence[Delivery]) -> int: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
+
+
+def receive_maximum(config: IngestConfig) -> int:
+    """The MQTT Receive Maximum for these bounds: how many unacknowledged messages the broker
+    may send before it waits for an acknowledgement.
+
+    Pausing the socket is the brake (Mosquitto honours Receive Maximum only until the first
+    acknowledgements), but it cannot act while the session is being set up, and a
+    persistent session's queue arrives right after the CONNACK: this keeps that first
+    burst within ``max_pending`` messages, and within ``max_pending_bytes`` even when every
+    message is of the largest size.
+    """
+    by_bytes = config.max_pending_bytes // MAX_PAYLOAD
+    return max(1, min(RECEIVE_MAXIMUM, config.max_pending, by_bytes))
+
+
+@dataclass(slots=True)
+class PendingBudget:
+    """Deliveries in hand (received, not yet acknowledged), in messages and payload bytes,
+    against a bound on each."""
+
+    max_messages: int
+    max_bytes: int
+    messages: int = 0
+    bytes: int = 0
+
+    def take(self, size: int) -> bool:
+        """Count one delivery of ``size`` bytes in; True when a bound is now reached.
+
+        Counted whatever its size: a delivery is taken before it is looked at, so one
+        larger than the byte bound is taken too, and only then is intake paused.
+        """
+        self.messages += 1
+        self.bytes += size
+        return self.messages >= self.max_messages or self.bytes >= self.max_bytes
+
+    def release(self, messages: int, size: int) -> None:
+        """Count deliveries out (acknowledged, or dropped with their connection)."""
+        self.messages -= messages
+        self.bytes -= size
+
+    @property
+    def low(self) -> bool:
+        """At most half of both bounds in hand: intake may resume. Half, so that reading
+        resumes with room for a good many batches, not one message at a time."""
+        return self.messages <= self.max_messages // 2 and self.bytes <= self.max_bytes // 2
 
 
 @dataclass(slots=True)
@@ -92,7 +141,9 @@ class Pipeline:
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         self._verified: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
-        self._in_hand = 0
+        self._budget = PendingBudget(config.max_pending, config.max_pending_bytes)
+        # Payload bytes in self._pending (received, not yet in a batch).
+        self._queued_bytes = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._paused = False
@@ -111,7 +162,7 @@ class Pipeline:
     @property
     def in_hand(self) -> int:
         """Deliveries received and not yet finished (committed and acknowledged)."""
-        return self._in_hand
+        return self._budget.messages
 
     # -- intake (called by the broker link, on the event loop) -------------------------
 
@@ -120,19 +171,22 @@ class Pipeline:
             # Shutting down: not taken, not acknowledged; the broker delivers it again to
             # the next session. (Read only to keep the socket empty for a clean close.)
             return
+        size = len(delivery.payload)
         self._pending.append(delivery)
-        self._in_hand += 1
+        self._queued_bytes += size
+        bound_reached = self._budget.take(size)
         self._idle.clear()
         self._metrics.received.inc()
-        self._metrics.pending.set(self._in_hand)
+        self._metrics.pending.set(self._budget.messages)
+        self._metrics.pending_bytes.set(self._budget.bytes)
         self._arrived.set()
-        if len(self._pending) >= self._config.batch_max:
+        if len(self._pending) >= self._config.batch_max or self._queued_bytes >= self._config.batch_max_bytes:
             self._full.set()
-        if self._in_hand >= self._config.max_pending and not self._paused:
+        if bound_reached and not self._paused:
             self._paused = True
             self._upstream.pause_reading()
             self._metrics.intake_paused.set(1)
-            log.warning("intake_paused", pending=self._in_hand)
+            log.warning("intake_paused", pending=self._budget.messages, pending_bytes=self._budget.bytes)
 
     def close_intake(self) -> None:
         """Take no more deliveries (shutdown); those in hand are still written and acked."""
@@ -158,19 +212,29 @@ class Pipeline:
             await self._verified.put(batch)
 
     async def _next_batch(self) -> list[Delivery]:
+        cfg = self._config
         while not self._pending:
             self._arrived.clear()
             await self._arrived.wait()
-        if len(self._pending) < self._config.batch_max:
+        if len(self._pending) < cfg.batch_max and self._queued_bytes < cfg.batch_max_bytes:
             # Give the batch up to batch_wait_ms to fill: one commit for many messages.
             try:
-                async with asyncio.timeout(self._config.batch_wait_ms / 1000):
+                async with asyncio.timeout(cfg.batch_wait_ms / 1000):
                     await self._full.wait()
             except TimeoutError:
                 pass
         self._full.clear()
-        count = min(len(self._pending), self._config.batch_max)
-        return [self._pending.popleft() for _ in range(count)]
+        # At least one message, however large; then as many as fit both bounds.
+        batch = [self._pending.popleft()]
+        size = len(batch[0].payload)
+        while self._pending and len(batch) < cfg.batch_max:
+            following = len(self._pending[0].payload)
+            if size + following > cfg.batch_max_bytes:
+                break
+            batch.append(self._pending.popleft())
+            size += following
+        self._queued_bytes -= size
+        return batch
 
     async def _verify(self, deliveries: list[Delivery]) -> Batch:
         results = await self._check_all(deliveries)
@@ -375,15 +439,17 @@ class Pipeline:
                 topic=reject.topic,
                 detail=reject.detail,
             )
-        self._in_hand -= len(batch.deliveries)
-        if self._in_hand == 0:
+        budget = self._budget
+        budget.release(len(batch.deliveries), sum(len(d.payload) for d in batch.deliveries))
+        if budget.messages == 0:
             self._idle.set()
-        if self._paused and not self._closed and self._in_hand <= self._config.max_pending // 2:
+        if self._paused and not self._closed and budget.low:
             self._paused = False
             self._upstream.resume_reading()
             m.intake_paused.set(0)
-            log.info("intake_resumed", pending=self._in_hand)
-        m.pending.set(self._in_hand)
+            log.info("intake_resumed", pending=budget.messages, pending_bytes=budget.bytes)
+        m.pending.set(budget.messages)
+        m.pending_bytes.set(budget.bytes)
 
 
 def _assemble(deliveries: list[Delivery], results: list[Accept | Reject]) -> Batch:

@@ -18,6 +18,7 @@ import pytest
 
 from ingestd.config import Config, DatabaseConfig, IngestConfig, MetricsConfig, MqttConfig
 from ingestd.daemon import Daemon
+from ingestd.metrics import Metrics
 from ingestd.simulator import KeyFactory
 from ingestd.store import Store
 from services import MosquittoServer, PostgresServer
@@ -89,12 +90,13 @@ async def store(config: Config) -> AsyncIterator[Store]:
 
 @contextlib.asynccontextmanager
 async def running_daemon(
-    config: Config, *, now: Callable[[], datetime] | None = None
+    config: Config, *, now: Callable[[], datetime] | None = None, metrics: Metrics | None = None
 ) -> AsyncIterator[Daemon]:
     """A daemon in this event loop, ready (subscribed) on entry, shut down cleanly on exit;
     ``now`` replaces the host's clock, which the daemon only compares with the database's
-    (it goes by that one: ingestd.clock)."""
-    daemon = Daemon(config) if now is None else Daemon(config, now=now)
+    (it goes by that one: ingestd.clock); ``metrics``, given, can be watched from before
+    the daemon starts."""
+    daemon = Daemon(config, metrics=metrics) if now is None else Daemon(config, now=now, metrics=metrics)
     task = asyncio.create_task(daemon.run(), name="daemon")
     ready = asyncio.create_task(daemon.ready.wait())
     done, _ = await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)

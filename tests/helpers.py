@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiomqtt
@@ -15,6 +16,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 
+from ingestd.envelope import MAX_PAYLOAD, MAX_READINGS, format_time
 from ingestd.signature import Signer, b64url_encode
 
 
@@ -93,6 +95,43 @@ async def retained_state(host: str, port: int, instance: str) -> dict[str, objec
     state = orjson.loads(message.payload)
     assert isinstance(state, dict)
     return state
+
+
+def max_size_messages(
+    signers: list[Signer], count: int, *, end: datetime, prefix: str = "meters"
+) -> list[tuple[str, bytes]]:
+    """``count`` messages as large as the protocol allows, round-robin over the meters: each
+    carries MAX_READINGS one-minute readings (consecutive across a meter's messages, the
+    last ending before ``end``) and is padded with an ignored top-level member to just
+    under MAX_PAYLOAD bytes."""
+    per_meter = -(-count // len(signers))
+    first = end.replace(second=0, microsecond=0) - timedelta(minutes=per_meter * MAX_READINGS)
+    sent = format_time(end)
+    messages = []
+    for i in range(count):
+        signer = signers[i % len(signers)]
+        meter = signer.kid.removesuffix("-k1")  # the simulator's and the bench's naming
+        seq = i // len(signers) + 1
+        start = (seq - 1) * MAX_READINGS
+        body: dict[str, Any] = {
+            "v": 1,
+            "meter": meter,
+            "epoch": 0,
+            "seq": seq,
+            "sent": sent,
+            "replay": False,
+            "readings": [
+                {"t": format_time(first + timedelta(minutes=start + k)), "import_wh": 100_000 + start + k}
+                for k in range(MAX_READINGS)
+            ],
+        }
+        payload = signer.sign_body(orjson.dumps(body))
+        # Base64url turns 3 body bytes into 4; the margin covers the member's own syntax.
+        body["pad"] = "x" * max(0, (MAX_PAYLOAD - len(payload)) * 3 // 4 - 16)
+        payload = signer.sign_body(orjson.dumps(body))
+        assert MAX_PAYLOAD - 64 < len(payload) <= MAX_PAYLOAD, len(payload)
+        messages.append((f"{prefix}/{meter}/up", payload))
+    return messages
 
 
 class FastPublisher:

@@ -1246,6 +1246,29 @@ def test_unknown_event_members_nested_too_deep_are_bad_body() -> None:
         parse_body(orjson.dumps(make_body(events=[event(x=deep)])))
 
 
+def test_digest_is_the_stored_definition() -> None:
+    """Digests are stored (``message_seqs``): the same content must keep its digest across
+    versions, or a redelivery after an upgrade would be a ``seq_conflict``. The definition:
+    SHA-256 of the sorted-key JSON of each reading's and event's values, times written by
+    ``isoformat()``."""
+    raw = (
+        b'{"v":1,"meter":"M1","epoch":0,"seq":1,"sent":"2026-11-24T00:15:03Z",'
+        b'"readings":[{"t":"2026-11-24T01:15:00.123456+01:00","import_wh":5,"export_wh":0,"x":{"b":[1.5,null],"a":"z"}},'
+        b'{"t":"0001-01-01T00:00:01Z","import_wh":9223372036854775807},{"t":"9999-12-31T23:59:59.5Z","import_wh":0}],'
+        b'"events":[{"t":"2026-11-24T00:14:10.000001Z","code":"001","detail":{"q":{"d":1,"c":2},"p":true}}]}'
+    )
+    body = parse_body(raw)
+    canonical = json.dumps(
+        [
+            [[r.time.isoformat(), r.import_wh, r.export_wh, r.extra] for r in body.readings],
+            [[e.time.isoformat(), e.code, e.detail] for e in body.events],
+        ],
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    assert body.digest == hashlib.sha256(canonical).digest()
+
+
 def test_digest_does_not_depend_on_meter_or_seq() -> None:
     # The (meter, epoch, seq) key is compared separately; the digest is only the content.
     assert digest(make_body(seq=1)) == digest(make_body(seq=2, meter="M2"))
