@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ingestd.cli import EXIT_USAGE
 from ingestd.config import Config, IngestConfig, load_config
 from ingestd.daemon import Daemon, status_line
 from ingestd.metrics import Metrics
@@ -264,6 +265,9 @@ def test_unit_semantics() -> None:
     assert unit_settings("NotifyAccess") == ["main"]
     assert unit_settings("WatchdogSec") == ["30"]
     assert unit_settings("Restart") == ["on-failure"]
+    # Exit status 2 is a configuration error (cli.EXIT_USAGE): restarting cannot fix it, and
+    # a 5 s RestartSec keeps it under the start-rate limit, so it would restart for ever.
+    assert unit_settings("RestartPreventExitStatus") == [str(EXIT_USAGE)]
     # Stop must outlast the drain (shutdown_timeout_s) and the offline announcement (5 s).
     (stop,) = unit_settings("TimeoutStopSec")
     assert int(stop) > IngestConfig().shutdown_timeout_s + 5
