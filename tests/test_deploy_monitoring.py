@@ -202,10 +202,10 @@ async def test_every_sql_query_runs_on_the_schema(db: Conn, name: str) -> None:
 
 
 def _guide_block(lang: str, containing: str) -> str:
-    blocks = re.findall(rf"```{lang}\n(.*?)```", OPERATIONS.read_text(encoding="utf-8"), flags=re.DOTALL)
-    found = [b for b in blocks if containing in b]
+    text = OPERATIONS.read_text(encoding="utf-8")
+    found = [b for b in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.DOTALL) if containing in str(b)]
     assert len(found) == 1, f"docs/operations.md: expected one {lang} block with {containing!r}"
-    return found[0]
+    return str(found[0])
 
 
 def test_data_source_time_interval_is_the_guides_scrape_interval() -> None:
