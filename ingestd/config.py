@@ -37,12 +37,17 @@ class DatabaseConfig:
     # A statement still running after this long is cancelled and its batch retried: a
     # connection that went silent (a network partition) must not hang the writer.
     command_timeout_s: float = 60.0
+    # At shutdown, connections still busy after this long are cut: a server that stopped
+    # answering would otherwise hold the exit for command_timeout_s, past systemd's
+    # TimeoutStopSec. Nothing is lost: what was not committed was not acknowledged.
+    close_timeout_s: float = 5.0
 
     def validate(self) -> None:
         _require_url("database.url", self.url, ("postgresql", "postgres"))
         _require_range("database.pool_size", self.pool_size, 2, 64)
         _require_range("database.connect_timeout_s", self.connect_timeout_s, 0.1, 600)
         _require_range("database.command_timeout_s", self.command_timeout_s, 0.1, 3600)
+        _require_range("database.close_timeout_s", self.close_timeout_s, 0.1, 600)
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,6 +144,13 @@ class Daemon:
                     await link.announce(online=False, within_s=5.0)
                     for task in tasks:
                         task.cancel()
+                    # A task cancelled inside a database call waits for the server to confirm
+                    # the cancellation; a server that stopped answering (a partition, a
+                    # frozen host) does not, and systemd's stop timeout would run out first.
+                    _, stuck = await asyncio.wait(tasks, timeout=cfg.database.close_timeout_s)
+                    if stuck:
+                        log.warning("shutdown_tasks_stuck", tasks=sorted(t.get_name() for t in stuck))
+                        store.terminate()
                 log.info("shutdown_complete", drained=drained)
 
 
