@@ -41,6 +41,9 @@ class DatabaseConfig:
     # answering would otherwise hold the exit for command_timeout_s, past systemd's
     # TimeoutStopSec. Nothing is lost: what was not committed was not acknowledged.
     close_timeout_s: float = 5.0
+    # The daemon checks the database this often (and within this time) on a connection of
+    # its own, so ingestd_db_up is true even when no uplink traffic flows.
+    probe_s: float = 15.0
 
     def validate(self) -> None:
         _require_url("database.url", self.url, ("postgresql", "postgres"))
@@ -48,6 +51,7 @@ class DatabaseConfig:
         _require_range("database.connect_timeout_s", self.connect_timeout_s, 0.1, 600)
         _require_range("database.command_timeout_s", self.command_timeout_s, 0.1, 3600)
         _require_range("database.close_timeout_s", self.close_timeout_s, 0.1, 600)
+        _require_range("database.probe_s", self.probe_s, 0.1, 3600)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import structlog
 from ingestd.config import Config
 from ingestd.errors import UsageError
 from ingestd.gaps import GapRequester, headend_signer
-from ingestd.health import HealthMonitor
+from ingestd.health import DatabaseProbe, HealthMonitor
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
@@ -110,6 +110,9 @@ class Daemon:
                         tg.create_task(link.run(), name="mqtt"),
                         tg.create_task(requester.run(), name="gaps"),
                         tg.create_task(health.run(), name="health"),
+                        tg.create_task(
+                            DatabaseProbe(cfg.database, metrics=self.metrics).run(), name="db-probe"
+                        ),
                         tg.create_task(retention.run(), name="quarantine-retention"),
                     ]
                     notifier.status("connecting to the broker")

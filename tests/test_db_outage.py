@@ -57,7 +57,7 @@ async def test_shutdown_is_bounded_when_the_database_is_frozen(
     time plus database.close_timeout_s, not the minute of command_timeout_s; what it had
     not committed is redelivered by the broker and stored once, after the database is back."""
     config = dataclasses.replace(config, ingest=dataclasses.replace(config.ingest, shutdown_timeout_s=1.0))
-    config = with_database(config, close_timeout_s=2.0)
+    config = with_database(config, close_timeout_s=2.0, probe_s=60.0)
     assert config.database.command_timeout_s == 60.0
     fleet = build_fleet(4, prefix="FRZ-", interval_s=60, algs=("EdDSA",), keys=key_factory)
     await register_fleet(store, fleet)
@@ -135,3 +135,50 @@ async def wait_until_async(probe: Callable[[], Awaitable[object]], *, what: str)
     while not await probe():
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+def quiet_config(config: Config) -> Config:
+    """Probe and refresh often, so the test takes seconds, not minutes."""
+    config = with_database(config, probe_s=0.2)
+    return dataclasses.replace(config, flags=dataclasses.replace(config.flags, refresh_s=1.0))
+
+
+async def test_db_up_follows_the_database_without_traffic(config: Config, pg_server: PostgresServer) -> None:
+    """No uplink at all: the probe alone takes ingestd_db_up to 0 while the server is
+    frozen (a write would have to fail first otherwise), and back to 1 after."""
+    async with running_daemon(quiet_config(config)) as daemon:
+        registry = daemon.metrics.registry
+        assert metric(registry, "ingestd_db_up") == 1
+        with frozen(pg_server):
+            await wait_until(
+                lambda: metric(registry, "ingestd_db_up") == 0, within_s=5, what="db_up 0 from the probe"
+            )
+        await wait_until(lambda: metric(registry, "ingestd_db_up") == 1, within_s=10, what="db_up 1 again")
+        assert metric(registry, "ingestd_messages_received_total") == 0
+
+
+async def test_health_refresh_time_stops_while_the_database_is_frozen(
+    config: Config, pg_server: PostgresServer
+) -> None:
+    """ingestd_health_refreshed_timestamp_seconds is the daemon's clock at the last refresh
+    that succeeded: frozen health gauges show as a time that no longer moves."""
+    ticks = iter(range(1_000_000))
+    base = datetime.now(UTC).timestamp()
+
+    def now() -> datetime:
+        return datetime.fromtimestamp(base + next(ticks), UTC)
+
+    async with running_daemon(quiet_config(config), now=now) as daemon:
+        registry = daemon.metrics.registry
+
+        def refreshed() -> float:
+            return metric(registry, "ingestd_health_refreshed_timestamp_seconds")
+
+        await wait_until(lambda: refreshed() >= base, what="a first health refresh")
+        with frozen(pg_server):
+            await wait_until(lambda: metric(registry, "ingestd_db_up") == 0, within_s=5, what="db_up 0")
+            stale = refreshed()
+            # Longer than refresh_s (1 s): a refresh would have moved it.
+            await asyncio.sleep(1.5)
+            assert refreshed() == stale
+        await wait_until(lambda: refreshed() > stale, within_s=10, what="health refreshed again")

@@ -35,6 +35,7 @@ ALERTS = {
     "IngestdDown",
     "IngestdBrokerDisconnected",
     "IngestdDatabaseDown",
+    "IngestdHealthStale",
     "IngestdMetersGray",
     "IngestdMetersRed",
     "IngestdTamperEvent",
