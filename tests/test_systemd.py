@@ -265,9 +265,10 @@ def test_unit_semantics() -> None:
     assert unit_settings("NotifyAccess") == ["main"]
     assert unit_settings("WatchdogSec") == ["30"]
     assert unit_settings("Restart") == ["on-failure"]
-    # Exit status 2 is a configuration error (cli.EXIT_USAGE): restarting cannot fix it, and
-    # a 5 s RestartSec keeps it under the start-rate limit, so it would restart for ever.
-    assert unit_settings("RestartPreventExitStatus") == [str(EXIT_USAGE)]
+    # Exit status 2 is a configuration error (cli.EXIT_USAGE), 243 systemd's for a missing
+    # credential: restarting cannot fix them, and a 5 s RestartSec keeps the unit under the
+    # start-rate limit, so it would restart for ever.
+    assert unit_settings("RestartPreventExitStatus") == [f"{EXIT_USAGE} 243"]
     # Stop must outlast the drain (shutdown_timeout_s), the offline announcement (5 s) and
     # the two bounded waits on a database that stopped answering (close_timeout_s each).
     (stop,) = unit_settings("TimeoutStopSec")
