@@ -4,6 +4,8 @@ aiomqtt do), tracebacks included; journald stores each line as one entry."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import io
 import logging
 from collections.abc import Iterator
@@ -12,8 +14,11 @@ import orjson
 import pytest
 import structlog
 
-from ingestd.config import LogConfig
+from conftest import running_daemon
+from helpers import metric, wait_until
+from ingestd.config import Config, LogConfig
 from ingestd.logs import configure_logging
+from services import PostgresServer
 
 
 @pytest.fixture
@@ -84,3 +89,24 @@ def test_console_format_stays_readable(stream: io.StringIO) -> None:
     text = stream.getvalue()
     assert "lost 2 connections" in text
     assert not text.startswith("{")
+
+
+async def test_a_database_outage_logs_only_json_lines(
+    stream: io.StringIO, config: Config, pg_server: PostgresServer
+) -> None:
+    """The daemon through a real outage: asyncpg's pool logs its failed reconnections with
+    tracebacks, our code its own warnings; every line must be one JSON object."""
+    configure_logging(LogConfig(format="json"), stream)
+    config = dataclasses.replace(config, database=dataclasses.replace(config.database, probe_s=0.5))
+    async with running_daemon(config) as daemon:
+        await asyncio.to_thread(pg_server.stop)
+        try:
+            await wait_until(lambda: "asyncpg.pool" in stream.getvalue(), what="asyncpg's pool to complain")
+            await wait_until(lambda: metric(daemon.metrics.registry, "ingestd_db_up") == 0, what="db_up 0")
+        finally:
+            await asyncio.to_thread(pg_server.start)
+        await wait_until(lambda: metric(daemon.metrics.registry, "ingestd_db_up") == 1, what="db_up 1 again")
+    entries = lines(stream)
+    pool = [e for e in entries if e.get("logger") == "asyncpg.pool"]
+    assert pool
+    assert all("Traceback" in str(e["exception"]) for e in pool if "exception" in e)
