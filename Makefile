@@ -13,6 +13,8 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PACKAGES := mosquitto mosquitto-clients postgresql postgresql-client python3-venv
 # promtool (unit tests of the alert rules) comes with Debian's prometheus package.
 DEB_PACKAGES += prometheus
+# The systemd test boots a debootstrapped Debian 12 under systemd-nspawn.
+DEB_PACKAGES += systemd-container debootstrap
 # Stamps: re-run an install step only when its inputs change.
 VENV_STAMP := $(VENV)/.installed
 SYSTEM_STAMP := var/.system-deps

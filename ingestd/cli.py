@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(getattr(args, "config", None))
+        config = load_config(getattr(args, "config", None), broker=args.command in _BROKER_COMMANDS)
         configure_logging(config.log)
         handler = _HANDLERS[args.command]
         return handler(config, args)
@@ -461,6 +461,10 @@ def _cmd_simulate(config: Config, args: argparse.Namespace) -> int:
 
     return _run_async(lambda: run_from_args(config, args))
 
+
+# Commands that connect to the broker or sign with the head-end key: only these need the
+# client certificate's key and the head-end key (systemd credentials of the daemon's unit).
+_BROKER_COMMANDS = frozenset({"run", "simulate"})
 
 _HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "migrate": _cmd_migrate,

@@ -40,12 +40,21 @@ class DatabaseConfig:
     # A statement still running after this long is cancelled and its batch retried: a
     # connection that went silent (a network partition) must not hang the writer.
     command_timeout_s: float = 60.0
+    # At shutdown, connections still busy after this long are cut: a server that stopped
+    # answering would otherwise hold the exit for command_timeout_s, past systemd's
+    # TimeoutStopSec. Nothing is lost: what was not committed was not acknowledged.
+    close_timeout_s: float = 5.0
+    # The daemon checks the database this often (and within this time) on a connection of
+    # its own, so ingestd_db_up is true even when no uplink traffic flows.
+    probe_s: float = 15.0
 
     def validate(self) -> None:
         _require_url("database.url", self.url, ("postgresql", "postgres"))
         _require_range("database.pool_size", self.pool_size, 2, 64)
         _require_range("database.connect_timeout_s", self.connect_timeout_s, 0.1, 600)
         _require_range("database.command_timeout_s", self.command_timeout_s, 0.1, 3600)
+        _require_range("database.close_timeout_s", self.close_timeout_s, 0.1, 600)
+        _require_range("database.probe_s", self.probe_s, 0.1, 3600)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +88,9 @@ class MqttConfig:
         _require_range("mqtt.keepalive_s", self.keepalive_s, 5, 3600)
         _require_range("mqtt.reconnect_initial_s", self.reconnect_initial_s, 0.01, 60)
         _require_range("mqtt.reconnect_max_s", self.reconnect_max_s, self.reconnect_initial_s, 3600)
+
+    def validate_client_files(self) -> None:
+        """Checked only for commands that connect to the broker (see ``load_config``)."""
         if bool(self.cert_file) != bool(self.key_file):
             raise ConfigError("mqtt.cert_file", "cert_file and key_file go together")
 
@@ -203,6 +215,9 @@ class HeadendConfig:
     def validate(self) -> None:
         if not _CLIENT_ID.fullmatch(self.instance):
             raise ConfigError("headend.instance", "must be 1-64 of A-Z a-z 0-9 _ . -")
+
+    def validate_signer(self) -> None:
+        """Checked only for commands that use the head-end key (see ``load_config``)."""
         if bool(self.key_file) != bool(self.kid):
             raise ConfigError("headend.kid", "key_file and kid go together")
 
@@ -266,7 +281,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     flags: FlagsConfig = field(default_factory=FlagsConfig)
 
-    def validate(self) -> None:
+    def validate(self, *, broker: bool = True) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         # The head-end asks for gaps up to retention_days old, and replies carry readings
@@ -279,11 +294,20 @@ class Config:
                 f"must be at least gaps.retention_days plus mqtt.session_expiry_s ({honest_days:g} days),"
                 " or honest replays and redeliveries are rejected",
             )
+        if broker:
+            self.mqtt.validate_client_files()
+            self.headend.validate_signer()
 
 
-def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, env: typing.Mapping[str, str] | None = None, *, broker: bool = True
+) -> Config:
     """Read the file (``path``, else ``$INGESTD_CONFIG``, else defaults), apply the
-    environment, validate; raise ConfigError naming the offending key."""
+    environment, validate; raise ConfigError naming the offending key.
+
+    ``broker=False`` is for commands that neither connect to the broker nor sign (migrate,
+    meter, gaps, status): under systemd the client key and the head-end key are the unit's
+    credentials, which such a command run by hand does not have and does not need."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     source = path if path is not None else env.get(CONFIG_ENV)
@@ -310,7 +334,7 @@ def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | 
         cls = _section_class(section)
         built[name] = _build_section(name, cls, raw.get(name, {}), _env_overrides(name, cls, env))
     config = Config(**built)
-    config.validate()
+    config.validate(broker=broker)
     return config
 
 

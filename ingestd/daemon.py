@@ -22,7 +22,7 @@ from ingestd.clock import DbClock
 from ingestd.config import Config
 from ingestd.errors import UsageError
 from ingestd.gaps import GapRequester, headend_signer
-from ingestd.health import HealthMonitor
+from ingestd.health import DatabaseProbe, HealthMonitor
 from ingestd.keyring import Keyring
 from ingestd.metrics import Metrics, MetricsServer
 from ingestd.mqtt import MqttLink
@@ -123,6 +123,9 @@ class Daemon:
                         tg.create_task(link.run(), name="mqtt"),
                         tg.create_task(requester.run(), name="gaps"),
                         tg.create_task(health.run(), name="health"),
+                        tg.create_task(
+                            DatabaseProbe(cfg.database, metrics=self.metrics).run(), name="db-probe"
+                        ),
                         tg.create_task(retention.run(), name="quarantine-retention"),
                         tg.create_task(gap_retention.run(), name="gap-retention"),
                         tg.create_task(self.clock.run(store), name="clock"),
@@ -159,6 +162,13 @@ class Daemon:
                     await link.announce(online=False, within_s=5.0)
                     for task in tasks:
                         task.cancel()
+                    # A task cancelled inside a database call waits for the server to confirm
+                    # the cancellation; a server that stopped answering (a partition, a
+                    # frozen host) does not, and systemd's stop timeout would run out first.
+                    _, stuck = await asyncio.wait(tasks, timeout=cfg.database.close_timeout_s)
+                    if stuck:
+                        log.warning("shutdown_tasks_stuck", tasks=sorted(t.get_name() for t in stuck))
+                        store.terminate()
                 log.info("shutdown_complete", drained=drained)
 
 

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Final, Literal, Self
 import asyncpg
 import structlog
 
-from ingestd.config import FlagsConfig
+from ingestd.config import DatabaseConfig, FlagsConfig
 from ingestd.events import BY_CODE
 from ingestd.metrics import LastSeenCollector, Metrics
-from ingestd.store import CONNECTION_ERRORS, Store
+from ingestd.store import CONNECTION_ERRORS, Store, connect_kwargs
 
 if TYPE_CHECKING:
     from ingestd.store import PoolConnection
@@ -248,6 +248,7 @@ class HealthMonitor:
             seen = await last_seen_all(conn) if self._last_seen is not None else None
         for flag, count in counts.items():
             self._metrics.meters.labels(flag=flag).set(count)
+        self._metrics.health_refreshed.set(as_of.timestamp())
         if self._last_seen is not None and seen is not None:
             self._last_seen.snapshot = tuple((meter, at.timestamp()) for meter, at in seen)
         return counts
@@ -266,6 +267,50 @@ class HealthMonitor:
             done.extend(batch)
             if len(batch) < CLASSIFY_BATCH:
                 return done
+
+
+class DatabaseProbe:
+    """Checks the database every ``database.probe_s`` for ``ingestd_db_up``: batch writes
+    set it too, but a quiet fleet writes nothing, and an outage must show all the same.
+
+    A connection of its own, not the pool's: a probe cut off by its timeout on a silent
+    server is terminated at once, where a pooled one would hold a pool slot until the
+    server confirmed the cancellation."""
+
+    def __init__(self, config: DatabaseConfig, *, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._conn: asyncpg.Connection[asyncpg.Record] | None = None
+        self._up = True
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._metrics.db_up.set(1 if await self.probe() else 0)
+                await asyncio.sleep(self._config.probe_s)
+        finally:
+            if self._conn is not None:
+                self._conn.terminate()
+
+    async def probe(self) -> bool:
+        """True when the server answered a query within ``probe_s``."""
+        try:
+            async with asyncio.timeout(self._config.probe_s):
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(**connect_kwargs(self._config))
+                await self._conn.fetchval("SELECT 1")
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            if self._up:  # once per outage, not every probe_s
+                log.warning("db_probe_failed", error=str(exc) or type(exc).__name__)
+            self._up = False
+            return False
+        if not self._up:
+            log.info("db_probe_ok")
+        self._up = True
+        return True
 
 
 # -- `ingestd status` --------------------------------------------------------------------

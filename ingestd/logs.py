@@ -22,11 +22,12 @@ def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
         if as_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -34,8 +35,23 @@ def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
+    # Libraries' records (asyncpg's pool warnings come with tracebacks) go through the same
+    # renderer: one JSON object per line, the traceback inside it. A plain formatter would
+    # write the traceback as lines of its own, each a separate journal entry, none JSON.
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            timestamper,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Libraries below us speak only when something is wrong.

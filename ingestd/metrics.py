@@ -65,7 +65,9 @@ class Metrics:
             "Broker connections that ended (broker restarts, network faults, timeouts).",
             registry=r,
         )
-        self.db_up = Gauge("ingestd_db_up", "1 while the last database write succeeded.", registry=r)
+        self.db_up = Gauge(
+            "ingestd_db_up", "1 while the database answers (the last batch write or probe).", registry=r
+        )
         self.pending = Gauge(
             "ingestd_pending_messages",
             "Messages received and not yet acknowledged (held in memory).",
@@ -140,6 +142,11 @@ class Metrics:
         # Meter health (ingestd.health): refreshed every flags.refresh_s.
         self.meters = Gauge(
             "ingestd_meters", "Registered meters by flag (ok, gray, red, never).", ["flag"], registry=r
+        )
+        self.health_refreshed = Gauge(
+            "ingestd_health_refreshed_timestamp_seconds",
+            "When ingestd_meters was last refreshed (Unix time): stale while the database is away.",
+            registry=r,
         )
         self.tamper_events = Counter(
             "ingestd_tamper_events", "Tamper event rows inserted, by event code.", ["code"], registry=r

@@ -370,6 +370,8 @@ class Fleet:
         self.retention = retention
         self.stats = stats or FleetStats()
         self.rng = random.Random(seed)  # noqa: S311 - simulation, not security
+        # Messages created per meter, across reconnections (for --count).
+        self.ticks: dict[str, int] = {}
 
     def up(self, meter: VirtualMeter) -> str:
         return f"{self.prefix}/{meter.meter_id}/up"
@@ -449,8 +451,7 @@ class Fleet:
         async def meter_loop(meter: VirtualMeter, offset: float) -> None:
             loop = asyncio.get_running_loop()
             next_at = loop.time() + offset
-            ticks = 0
-            while not stop.is_set() and (count == 0 or ticks < count):
+            while not stop.is_set() and (count == 0 or self.ticks.get(meter.meter_id, 0) < count):
                 delay = next_at - loop.time()
                 if delay > 0:
                     with contextlib.suppress(TimeoutError):
@@ -458,8 +459,10 @@ class Fleet:
                             await stop.wait()
                     if stop.is_set():
                         return
+                # Counted before the publish: a message lost with the connection is in
+                # flash, and the head-end asks for it again after the reconnect.
+                self.ticks[meter.meter_id] = self.ticks.get(meter.meter_id, 0) + 1
                 await self.tick(meter, event_rate=event_rate)
-                ticks += 1
                 next_at += interval_s
 
         meters = list(self.meters.values())
@@ -633,8 +636,34 @@ async def run_from_args(config: Config, args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     save_state(fleet, state_dir)  # not clean until the end: a crash means a new epoch
-    cfg = config.mqtt
+    reporter = asyncio.create_task(_report(stats, stop), name="report")
     try:
+        await _publish(config, args, fleet, stats, stop)
+    finally:
+        stop.set()
+        await reporter
+        save_state(fleet, state_dir, clean=True)
+    log.info("simulator_done", **_summary(stats))
+    return 0
+
+
+async def _publish(
+    config: Config,
+    args: argparse.Namespace,
+    fleet: Sequence[VirtualMeter],
+    stats: FleetStats,
+    stop: asyncio.Event,
+) -> None:
+    """Publish until ``--count`` is reached or ``stop`` is set. As a real meter does, when
+    the broker goes away: keep trying, with back-off and jitter; what could not be sent is
+    in flash, for the head-end to ask for."""
+    cfg = config.mqtt
+    faults = Faults(args.drop, args.offline, args.offline_for, args.reset, args.forget, args.tamper)
+    link: Fleet | None = None
+    connected = False
+
+    async def session() -> None:
+        nonlocal link, connected
         async with aiomqtt.Client(
             cfg.host,
             cfg.port,
@@ -642,34 +671,62 @@ async def run_from_args(config: Config, args: argparse.Namespace) -> int:
             protocol=aiomqtt.ProtocolVersion.V5,
             max_inflight_messages=1000,
         ) as client:
-            meters = Fleet(
-                client,
-                fleet,
-                topic_prefix=cfg.topic_prefix,
-                headend=headend_key_from_config(config),
-                faults=Faults(
-                    args.drop, args.offline, args.offline_for, args.reset, args.forget, args.tamper
-                ),
-                seed=args.seed,
-                stats=stats,
-            )
-            reporter = asyncio.create_task(_report(stats, stop), name="report")
-            replays = asyncio.create_task(meters.serve_replays(), name="replays")
+            connected = True
+            if link is None:
+                link = Fleet(
+                    client,
+                    fleet,
+                    topic_prefix=cfg.topic_prefix,
+                    headend=headend_key_from_config(config),
+                    faults=faults,
+                    seed=args.seed,
+                    stats=stats,
+                )
+            link.client = client
+            replays = asyncio.create_task(link.serve_replays(), name="replays")
             try:
-                await meters.run(
+                await link.run(
                     count=args.count, interval_s=args.interval, event_rate=args.event_rate, stop=stop
                 )
             finally:
-                stop.set()
                 replays.cancel()
-                await reporter
-    except aiomqtt.MqttError as exc:
-        log.error("simulator_broker_error", error=str(exc))  # noqa: TRY400 - one line suffices
-        return 1
-    finally:
-        save_state(fleet, state_dir, clean=True)
-    log.info("simulator_done", **_summary(stats))
-    return 0
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await replays
+
+    delay = cfg.reconnect_initial_s
+    while not stop.is_set():
+        connected = False
+        try:
+            await session()
+        except (aiomqtt.MqttError, ExceptionGroup) as exc:
+            # In the task group of the meters, the broker's error arrives as a group.
+            lost = _broker_error(exc)
+            if lost is None:
+                raise
+            if connected:  # the back-off is for a broker that keeps refusing
+                delay = cfg.reconnect_initial_s
+            log.warning("simulator_broker_lost", error=str(lost), retry_in_s=round(delay, 2))
+        else:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(random.uniform(0, delay)):  # noqa: S311 - jitter, not security
+                await stop.wait()
+        delay = min(delay * 2, cfg.reconnect_max_s)
+
+
+def _broker_error(exc: BaseException) -> aiomqtt.MqttError | None:
+    """The broker's error behind ``exc`` (itself, or all a task group raised); None when
+    anything else failed too."""
+    if isinstance(exc, aiomqtt.MqttError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        lost, rest = exc.split(aiomqtt.MqttError)
+        if lost is not None and rest is None:
+            first: BaseException = lost
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            return first if isinstance(first, aiomqtt.MqttError) else None
+    return None
 
 
 async def _report(stats: FleetStats, stop: asyncio.Event, every_s: float = 10.0) -> None:

@@ -215,8 +215,22 @@ class Store:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:
+                # close() waits for every connection to be released, and a connection
+                # whose query was cancelled is released only after the server answers
+                # its reset: from a server that stopped answering, command_timeout_s.
+                async with asyncio.timeout(self._config.close_timeout_s):
+                    await pool.close()
+            except TimeoutError:
+                log.warning("db_close_timeout", timeout_s=self._config.close_timeout_s)
+                pool.terminate()
+
+    def terminate(self) -> None:
+        """Close every connection at once, without waiting for the server: what was not
+        committed is rolled back (and was not acknowledged)."""
+        if self._pool is not None:
+            self._pool.terminate()
 
     @property
     def pool(self) -> asyncpg.Pool[asyncpg.Record]:

@@ -494,3 +494,21 @@ def test_read_secret_names_the_key(tmp_path: Path) -> None:
         read_secret("mqtt.password_file", str(tmp_path / "missing"))
     assert info.value.key == "mqtt.password_file"
     assert "mqtt.password_file" in str(info.value)
+
+
+def test_client_and_signer_files_checked_only_for_broker_commands(tmp_path: Path) -> None:
+    """The systemd guide's configuration: the client certificate and the head-end kid in
+    the file, their keys only in the unit's credentials. migrate and meter (broker=False)
+    must accept it; the daemon must still refuse a certificate without its key."""
+    path = write(tmp_path, "[mqtt]\ncert_file = '/etc/c.pem'\n[headend]\nkid = 'he-1'\n")
+    config = load_config(path, env={}, broker=False)
+    assert (config.mqtt.cert_file, config.headend.kid) == ("/etc/c.pem", "he-1")
+    assert config_error(path).key == "mqtt.cert_file"
+    env = {"INGESTD_MQTT_KEY_FILE": "/run/credentials/ingestd.service/mqtt-client.key"}
+    with pytest.raises(ConfigError, match=r"^headend\.kid: key_file and kid go together$"):
+        load_config(path, env=env)
+    env["INGESTD_HEADEND_KEY_FILE"] = "/run/credentials/ingestd.service/headend.pem"
+    assert load_config(path, env=env).headend.kid == "he-1"
+    # Every other check still applies.
+    with pytest.raises(ConfigError, match=r"^mqtt\.keepalive_s"):
+        load_config(write(tmp_path, "[mqtt]\nkeepalive_s = 1\n"), env={}, broker=False)

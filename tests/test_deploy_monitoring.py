@@ -35,6 +35,7 @@ ALERTS = {
     "IngestdDown",
     "IngestdBrokerDisconnected",
     "IngestdDatabaseDown",
+    "IngestdHealthStale",
     "IngestdMetersGray",
     "IngestdMetersRed",
     "IngestdTamperEvent",
@@ -197,3 +198,28 @@ async def test_every_sql_query_runs_on_the_schema(db: Conn, name: str) -> None:
     if target["format"] == "time_series":
         assert columns[0] == "time", f"{name}: a time series needs its first column named time"
         assert "value" in columns or len(columns) >= 2
+
+
+# -- the installation guide's monitoring snippets -------------------------------------------
+
+
+def _guide_block(lang: str, containing: str) -> str:
+    text = OPERATIONS.read_text(encoding="utf-8")
+    found = [b for b in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.DOTALL) if containing in str(b)]
+    assert len(found) == 1, f"docs/operations.md: expected one {lang} block with {containing!r}"
+    return str(found[0])
+
+
+def test_data_source_time_interval_is_the_guides_scrape_interval() -> None:
+    """Grafana's $__rate_interval is built from timeInterval: it must be the interval the
+    guide tells Prometheus to scrape at, or rate() panels get too few points or go blank."""
+    (time_interval,) = re.findall(r"^\s+timeInterval: (\S+)$", DATASOURCES.read_text(), flags=re.MULTILINE)
+    snippet = _guide_block("yaml", "job_name: ingestd")
+    scrape = re.findall(r"^\s+scrape_interval: (\S+)$", snippet, flags=re.MULTILINE)
+    assert scrape == [time_interval], "the guide's Prometheus snippet must set the data source's interval"
+
+
+def test_guide_says_the_database_must_accept_tls_for_grafana() -> None:
+    (sslmode,) = re.findall(r"^\s+sslmode: (\S+)$", DATASOURCES.read_text(), flags=re.MULTILINE)
+    section = OPERATIONS.read_text(encoding="utf-8").split("5. **Grafana.**", 1)[1].split("\n## ", 1)[0]
+    assert f"sslmode: {sslmode}" in section, "the guide must say which TLS mode Grafana's data source uses"

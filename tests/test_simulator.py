@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -230,3 +233,50 @@ async def test_a_retained_request_is_ignored(broker: MosquittoServer, key_factor
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
     assert fleet.stats.forged_requests == 1
+
+
+async def test_simulate_reconnects_when_the_broker_goes_away(broker: MosquittoServer, tmp_path: Path) -> None:
+    """`ingestd simulate` is a fleet of meters: a broker restart must not end it (nor print
+    an ExceptionGroup traceback); it reconnects and publishes on, and every line it logs is
+    JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
+    env |= {
+        "INGESTD_MQTT_URL": broker.url,
+        "INGESTD_MQTT_RECONNECT_INITIAL_S": "0.1",
+        "INGESTD_MQTT_RECONNECT_MAX_S": "0.5",
+        "INGESTD_LOG_FORMAT": "json",
+    }
+    args = ["--meters", "2", "--interval", "0.2", "--algs", "EdDSA", "--no-register"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingestd.cli", "simulate", *args, "--state", str(tmp_path / "state"),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert await heard_from_fleet(broker), "the fleet published nothing"
+        await asyncio.to_thread(broker.stop)
+        await asyncio.sleep(0.5)  # the broker is away for a while; meters keep trying
+        assert proc.returncode is None, "simulate exited when the broker went away"
+        await asyncio.to_thread(broker.start)
+        assert await heard_from_fleet(broker), "the fleet did not publish again after the restart"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 0, err.decode()
+    for line in lines:
+        orjson.loads(line)  # JSON, every one: no traceback
+    events = [orjson.loads(line)["event"] for line in lines]
+    assert "simulator_broker_lost" in events
+    assert events[-1] == "simulator_done"
+
+
+async def heard_from_fleet(broker: MosquittoServer) -> bool:
+    async with aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.subscribe("meters/+/up", qos=1)
+        try:
+            async with asyncio.timeout(10):
+                await anext(client.messages)
+        except TimeoutError:
+            return False
+    return True

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.config import Config, IngestConfig, load_config
+from ingestd.cli import EXIT_USAGE
+from ingestd.config import Config, DatabaseConfig, IngestConfig, load_config
 from ingestd.daemon import Daemon, status_line
 from ingestd.metrics import Metrics
 from ingestd.systemd import Notifier, socket_address, watchdog_interval_s
@@ -264,9 +265,14 @@ def test_unit_semantics() -> None:
     assert unit_settings("NotifyAccess") == ["main"]
     assert unit_settings("WatchdogSec") == ["30"]
     assert unit_settings("Restart") == ["on-failure"]
-    # Stop must outlast the drain (shutdown_timeout_s) and the offline announcement (5 s).
+    # Exit status 2 is a configuration error (cli.EXIT_USAGE), 243 systemd's for a missing
+    # credential: restarting cannot fix them, and a 5 s RestartSec keeps the unit under the
+    # start-rate limit, so it would restart for ever.
+    assert unit_settings("RestartPreventExitStatus") == [f"{EXIT_USAGE} 243"]
+    # Stop must outlast the drain (shutdown_timeout_s), the offline announcement (5 s) and
+    # the two bounded waits on a database that stopped answering (close_timeout_s each).
     (stop,) = unit_settings("TimeoutStopSec")
-    assert int(stop) > IngestConfig().shutdown_timeout_s + 5
+    assert int(stop) > IngestConfig().shutdown_timeout_s + 5 + 2 * DatabaseConfig().close_timeout_s
     # Secrets: only credential paths in the environment, and every one a real setting.
     credentials = {line.split(":", 1)[0] for line in unit_settings("LoadCredential")}
     assert credentials == {"db-password", "mqtt-client.key", "headend.pem"}
