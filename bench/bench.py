@@ -626,6 +626,8 @@ def fleet_drain(
         # Anything redelivered after a disconnect arrives late: give it a moment to show.
         time.sleep(2)
         metrics = scrape(port)
+        # Against the settled RSS at start-up (no key loaded): what the talking meters cost.
+        rss = proc_rss_mib(daemon.pid)
     finally:
         daemon.terminate()
         daemon.wait(60)
@@ -638,6 +640,7 @@ def fleet_drain(
         "disconnects": int(metrics.get("ingestd_mqtt_disconnects_total", 0.0)),
         "received": int(received),
         "duplicates_received": int(received) - len(messages),
+        "rss_after_drain_mib": round(rss, 1),
     }
 
 
