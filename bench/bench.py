@@ -663,6 +663,8 @@ def run_fleet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "import_seconds",
                 "startup_seconds",
                 "rss_settled_mib",
+                "flag_counts_ms",
+                "attention_ms",
                 "flag_refresh_ms",
                 "status_cli_seconds",
             )
