@@ -403,6 +403,10 @@ async def apply_plan(conn: Conn, plan: Plan, path: str, *, dry_run: bool) -> Out
     nothing written, when a row of the file or of the database says no."""
     try:
         async with conn.transaction():
+            # Held to the commit: a `meter add` of one of the file's kids between the
+            # conflict check and the insert would otherwise be skipped silently (ON CONFLICT
+            # DO NOTHING) as if it were this key. The daemon only reads, which this allows.
+            await conn.execute("LOCK TABLE meter_keys IN SHARE ROW EXCLUSIVE MODE")
             await conn.execute(_TEMP_TABLES)
             await conn.copy_records_to_table(
                 "import_meters",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,9 +15,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from test_cli import EXIT_USAGE, aingestd, assert_ok, assert_one_line_error, cli_env, count, describe, spki
 
+from conftest import running_daemon
+from helpers import jws, publish, wait_settled
 from ingestd import provision
+from ingestd.config import Config
+from ingestd.envelope import format_time
 from ingestd.errors import ConfigError, UsageError
 from ingestd.files import bounded_lines, open_regular
+from ingestd.signature import Signer
 
 if TYPE_CHECKING:
     Conn = asyncpg.Connection[asyncpg.Record]
@@ -165,6 +172,43 @@ async def test_import_jsonl(db_url: str, db: Conn, tmp_path: Path) -> None:
     assert row is not None
     assert (row["site"], row["interval_s"], row["max_power_w"]) == ("S", 300, 5000)
     assert await db.fetchval("SELECT interval_s FROM meters WHERE meter_id = 'J-2'") == 900
+
+
+async def test_imported_keys_verify_a_running_daemons_messages(
+    config: Config, db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    es_key, ed_key = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "ed.pem").write_bytes(spki(ed_key))
+    path = write_jsonl(
+        tmp_path / "fleet.jsonl",
+        [
+            {"meter_id": "D-1", "keys": [key("D-1-k", "ES256", spki(es_key).decode())]},
+            {"meter_id": "D-2", "keys": [{"alg": "Ed25519", "kid": "D-2-k", "public_key_file": "ed.pem"}]},
+        ],
+    )
+    async with running_daemon(config) as daemon:
+        # Imported while the daemon runs: it looks the keys up when the meters first talk.
+        assert_ok(await aingestd("meter", "import", path, env=cli_env(db_url)))
+        now = datetime.now(UTC)
+        messages = []
+        for meter, signer in (
+            ("D-1", Signer("ES256", "D-1-k", es_key)),
+            ("D-2", Signer("Ed25519", "D-2-k", ed_key)),
+        ):
+            body = {
+                "v": 1,
+                "meter": meter,
+                "epoch": 0,
+                "seq": 1,
+                "sent": format_time(now),
+                "replay": False,
+                "readings": [{"t": format_time(now - timedelta(minutes=1)), "import_wh": 5}],
+            }
+            messages.append((f"{config.mqtt.topic_prefix}/{meter}/up", jws(signer, body)))
+        await publish(config.mqtt.host, config.mqtt.port, messages)
+        await wait_settled(daemon.metrics.registry, 2)
+    assert await db.fetchval("SELECT count(*) FROM readings WHERE meter_id IN ('D-1', 'D-2')") == 2
+    assert await count(db, "quarantine") == 0
 
 
 # -- bad rows -------------------------------------------------------------------------------
@@ -346,6 +390,37 @@ async def test_a_conflict_found_in_the_database_writes_nothing(db_url: str, db: 
     assert proc.returncode == EXIT_USAGE, describe(proc)
     assert error_lines(proc.stderr) == {7: "kid 'C-1-k' is already registered with another key or alg"}
     assert await count(db, "meters") == 1
+
+
+async def test_a_kid_registered_meanwhile_is_a_conflict_not_a_no_op(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    """`meter add` of one of the file's kids, committed while the import runs: the import
+    waits for it and reports the row, rather than skip the kid as if it were its own."""
+    path = write_csv(tmp_path / "fleet.csv", [("W-1", "", "", "", "ES256", "RACED", es256(), "", "")])
+    other: Conn = await asyncpg.connect(db_url)
+    try:
+        adding = other.transaction()
+        await adding.start()
+        await other.execute("INSERT INTO meters (meter_id) VALUES ('ADDER')")
+        await other.execute(
+            "INSERT INTO meter_keys (kid, meter_id, alg, public_key) VALUES ('RACED', 'ADDER', 'ES256', $1)",
+            es256(),
+        )
+        importing = asyncio.create_task(aingestd("meter", "import", path, env=cli_env(db_url)))
+        # The import is blocked behind the uncommitted insert before it is let go.
+        for _ in range(3000):
+            if await db.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted") or importing.done():
+                break
+            await asyncio.sleep(0.01)
+        await adding.commit()
+    finally:
+        await other.close()
+    proc = await importing
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    assert error_lines(proc.stderr) == {2: "kid 'RACED' is already registered to meter ADDER"}
+    assert await db.fetchval("SELECT meter_id FROM meter_keys WHERE kid = 'RACED'") == "ADDER"
+    assert await db.fetchval("SELECT count(*) FROM meters WHERE meter_id = 'W-1'") == 0
 
 
 # -- dry run, re-import, round trip ---------------------------------------------------------
