@@ -141,7 +141,11 @@ class _RowError(Exception):
     """What is wrong with one row."""
 
 
-def _csv_records(lines: Iterator[tuple[int, str]], path: str) -> Iterator[tuple[int, Mapping[str, object]]]:
+# A record: its fields by name, or what makes it no record at all.
+_Record = Mapping[str, object] | str
+
+
+def _csv_records(lines: Iterator[tuple[int, str]], path: str) -> Iterator[tuple[int, _Record]]:
     numbers = [0]
 
     def text() -> Iterator[str]:
@@ -171,7 +175,7 @@ def _csv_records(lines: Iterator[tuple[int, str]], path: str) -> Iterator[tuple[
         for row in reader:
             if row and any(cell.strip() for cell in row):
                 if len(row) != len(columns):
-                    yield start, {"": f"{len(row)} fields, the header has {len(columns)}"}
+                    yield start, f"{len(row)} fields, the header has {len(columns)}"
                 else:
                     yield start, dict(zip(columns, row, strict=True))
             start = numbers[0] + 1
@@ -180,24 +184,24 @@ def _csv_records(lines: Iterator[tuple[int, str]], path: str) -> Iterator[tuple[
         raise UsageError(f"FILE {path} line {numbers[0]}: not CSV ({exc})") from None
 
 
-def _jsonl_records(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, Mapping[str, object]]]:
+def _jsonl_records(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, _Record]]:
     for number, line in lines:
         if not line.strip():
             continue
         try:
             record = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            yield number, {"": f"not JSON ({exc})"}
+            yield number, f"not JSON ({exc})"
             continue
         if not isinstance(record, dict):
-            yield number, {"": "not a JSON object"}
+            yield number, "not a JSON object"
             continue
         yield number, record
 
 
-def _row(record: Mapping[str, object], line: int, base: Path, fmt: Format) -> tuple[MeterRow, list[KeyRow]]:
-    if "" in record:
-        raise _RowError(record[""])
+def _row(record: _Record, line: int, base: Path, fmt: Format) -> tuple[MeterRow, list[KeyRow]]:
+    if isinstance(record, str):
+        raise _RowError(record)
     if fmt == "jsonl":
         unknown = sorted(set(record) - {*METER_FIELDS, "keys"})
         if unknown:

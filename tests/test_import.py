@@ -329,13 +329,14 @@ async def test_jsonl_bad_rows(db_url: str, db: Conn, tmp_path: Path) -> None:
         orjson.dumps({"meter_id": "J-4", "interval_s": 1.5, "keys": [key("x")]}),
         orjson.dumps({"meter_id": "J-5", "keys": [key("y", pin=1)]}),
         orjson.dumps({"meter_id": "J-6", "keys": [key("z"), key("z")]}),
+        orjson.dumps({"": "an empty name", "meter_id": "J-7", "keys": [key("w")]}),
     ]
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     proc = await aingestd("meter", "import", str(path), env=cli_env(db_url))
     assert proc.returncode == EXIT_USAGE, describe(proc)
     found = error_lines(proc.stderr)
-    assert sorted(found) == [2, 3, 4, 5, 6, 7, 8, 9], proc.stderr
+    assert sorted(found) == [2, 3, 4, 5, 6, 7, 8, 9, 10], proc.stderr
     assert found[2].startswith("not JSON")
     assert found[3] == "not a JSON object"
     assert "keys must be a list of at least one key" in found[4]
@@ -344,6 +345,7 @@ async def test_jsonl_bad_rows(db_url: str, db: Conn, tmp_path: Path) -> None:
     assert "interval_s must be a whole number" in found[7]
     assert "keys[0].pin: unknown member" in found[8]
     assert "kid 'z' is twice in this row" in found[9]
+    assert "unknown member ''" in found[10]
     assert await count(db, "meters") == 0
 
 
