@@ -13,7 +13,17 @@ import asyncpg
 import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from test_cli import EXIT_USAGE, aingestd, assert_ok, assert_one_line_error, cli_env, count, describe, spki
+from test_cli import (
+    EXIT_USAGE,
+    aingestd,
+    assert_ok,
+    assert_one_line_error,
+    cli_env,
+    count,
+    describe,
+    ingestd,
+    spki,
+)
 
 from conftest import running_daemon
 from helpers import jws, publish, wait_settled
@@ -531,6 +541,26 @@ async def test_export_refuses_to_overwrite(db_url: str, tmp_path: Path) -> None:
     proc = await aingestd("meter", "export", "--out", str(out), env=cli_env(db_url))
     assert_one_line_error(proc, EXIT_USAGE, str(out), "--force")
     assert out.read_text() == "precious\n"
+
+
+async def test_export_leaves_out_and_counts_meters_without_a_key(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    env = cli_env(db_url)
+    assert_ok(await aingestd("meter", "import", fleet_csv(tmp_path / "fleet.csv", 2), env=env))
+    # Only SQL makes one (every way in registers a key), and an import could not take it back.
+    await db.execute("INSERT INTO meters (meter_id) VALUES ('KEYLESS')")
+    proc = await aingestd("meter", "export", "--format", "jsonl", env=env)
+    assert_ok(proc)
+    assert [orjson.loads(line)["meter_id"] for line in proc.stdout.splitlines()] == ["F-000000", "F-000001"]
+    assert proc.stderr.strip() == "ingestd: 1 meter(s) without a key not exported (an import needs a key)"
+
+
+def test_meter_help_lists_import_and_export() -> None:
+    proc = ingestd("meter", "--help", env=cli_env(None))
+    assert_ok(proc)
+    assert "import" in proc.stdout
+    assert "export" in proc.stdout
 
 
 async def test_ten_thousand_meters(db_url: str, db: Conn, tmp_path: Path) -> None:
