@@ -13,6 +13,11 @@ RSS of the daemon and of its verification workers, messages/s and readings/s, an
 most bytes it held pending (so that the byte bound, ``ingest.max_pending_bytes``, is seen
 to work). ``--large-only`` runs this phase alone.
 Every phase ends by checking that every message was stored exactly once.
+Fleet (``--only fleet`` runs it alone): ``meter import`` of 1,000 and ``--fleet-meters``
+(100,000) meters, each given a week of history; at both sizes the daemon's start-up time and
+RSS, ``ingestd status`` and the flag refresh; then a backlog several times
+``ingest.max_pending`` drained with the default settings (disconnects and duplicates
+received are reported). Ratios of the two sizes in one run.
 
 Results go to bench/results/latest.json (and a dated copy) and a printed table.
 """
@@ -21,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import FastPublisher, max_size_messages  # noqa: E402
-from ingestd.config import DatabaseConfig  # noqa: E402
+from ingestd import health  # noqa: E402
+from ingestd.config import DatabaseConfig, FlagsConfig  # noqa: E402
 from ingestd.envelope import MAX_READINGS, format_time  # noqa: E402
 from ingestd.signature import Signer, generate_private_key, public_key_pem  # noqa: E402
 from ingestd.store import Store  # noqa: E402
@@ -66,6 +74,20 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--large-meters", type=int, default=100, help="phase 3 meters")
     parser.add_argument("--large-only", action="store_true", help="run phase 3 alone")
+    parser.add_argument("--only", choices=("fleet",), help="run only this section")
+    parser.add_argument("--no-fleet", action="store_true", help="skip the fleet section (the longest)")
+    parser.add_argument(
+        "--fleet-meters", type=int, default=100_000, help="the large fleet (the small: 1,000)"
+    )
+    parser.add_argument(
+        "--fleet-backlog", type=int, default=60_000, help="fleet drain backlog (3x ingest.max_pending)"
+    )
+    parser.add_argument(
+        "--fleet-readings-per-day", type=int, default=1, help="history readings a meter a day"
+    )
+    parser.add_argument(
+        "--fleet-settle-s", type=float, default=10.0, help="wait after start-up before the settled RSS"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--profile", type=Path, metavar="FILE", help="run the daemon under py-spy, collapsed stacks to FILE"
@@ -355,6 +377,13 @@ def drain_large(
 def main() -> int:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
+    if args.only == "fleet":
+        fleet = run_fleet(args, work)
+        write_results(
+            args.out, {"date": datetime.now(UTC).isoformat(timespec="seconds"), "fleet": fleet}, "fleet"
+        )
+        print_fleet(fleet)
+        return 0 if fleet["drain"]["disconnects"] == 0 else 1
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -426,6 +455,8 @@ def main() -> int:
                 daemon = start_daemon(env, log_path, args.profile if last else None)
                 metrics = wait_metric(metrics_port, "ingestd_messages_accepted_total", len(backlog))
                 elapsed = time.monotonic() - t0
+                disconnects = metrics.get("ingestd_mqtt_disconnects_total", 0.0)
+                received = metrics.get("ingestd_messages_received_total", 0.0)
                 split = daemon_cpu_s(daemon.pid)
                 cpu = sum(split.values())
                 broker_cpu = proc_cpu_s(broker_pid) - others0[0]
@@ -451,6 +482,9 @@ def main() -> int:
                         "db_write_p99_ms": round(
                             histogram_quantile(0.99, metrics, "ingestd_db_write_seconds") * 1000, 1
                         ),
+                        # A busy host can fall behind the broker: say so, with what it cost.
+                        "disconnects": int(disconnects),
+                        "duplicates_received": int(received) - len(backlog),
                     }
                 )
                 print(json.dumps(runs[-1]), flush=True)
@@ -525,20 +559,266 @@ def main() -> int:
             print(json.dumps(results["large_messages"]), flush=True)
         publisher.close()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=2)
-    stamp = results["date"].replace(":", "").replace("-", "")[:15]
-    if args.large_only:
-        # A partial run: kept beside the full ones, never as latest.json.
-        (args.out / f"bench-{stamp}-large-only.json").write_text(text + "\n")
-    else:
-        (args.out / "latest.json").write_text(text + "\n")
-        (args.out / f"bench-{stamp}.json").write_text(text + "\n")
+    if not args.no_fleet and not args.large_only:
+        results["fleet"] = run_fleet(args, work)
+    # A partial run is kept beside the full ones, never as latest.json.
+    write_results(args.out, results, "bench-large-only" if args.large_only else "bench")
     print_table(results)
+    if "fleet" in results:
+        print_fleet(results["fleet"])
     ok = [results["large_messages"]["exactly_once"]] if args.large else []
     if not args.large_only:
         ok += [results["throughput"]["exactly_once"], results["exactly_once_all"]]
     return 0 if all(ok) else 1
+
+
+def write_results(out: Path, results: dict[str, Any], name: str) -> None:
+    """``{name}-{date}.json``, and ``latest.json`` for a full run (a section alone is no
+    replacement for it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2)
+    if name == "bench":
+        (out / "latest.json").write_text(text + "\n")
+    stamp = results["date"].replace(":", "").replace("-", "")[:15]
+    (out / f"{name}-{stamp}.json").write_text(text + "\n")
+
+
+# -- fleet scale: provisioning, start-up, health reads and a backlog at 100,000 meters ------
+
+FLEET_SMALL = 1000
+# Meters that talk in the drain (their keys are the ones the daemon loads, on demand).
+FLEET_TALKING = 1000
+
+
+def fleet_csv(path: Path, meters: int, pems: list[str]) -> None:
+    """A `meter import` file: ``meters`` ES256 meters over sites of 100, one key each
+    (the public keys are reused round-robin: a key may serve several kids)."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(("meter_id", "site", "interval_s", "alg", "kid", "public_key"))
+        for i in range(meters):
+            writer.writerow(
+                (f"F-{i:06d}", f"S-{i // 100:04d}", 900, "ES256", f"F-{i:06d}-k1", pems[i % len(pems)])
+            )
+
+
+def timed_cli(env: dict[str, str], *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingestd.cli", *args], env=env, capture_output=True, text=True, check=False
+    )
+    return time.monotonic() - t0, proc
+
+
+# A week of history, set-based: meter_epochs for every meter heard from (94% within the hour,
+# 3% gray, 1% red, 2% never heard), `readings_per_day` readings a meter a day, one event a
+# meter a day (clock adjusted), a tamper event for 1% of the meters and an open gap for 2%.
+_FLEET_HISTORY: tuple[str, ...] = (
+    """INSERT INTO meter_epochs (meter_id, epoch, max_seq, first_seen_at, last_seen_at)
+       SELECT meter_id, 0, 672, now() - interval '7 days',
+              now() - CASE WHEN n % 100 < 94 THEN interval '10 minutes'
+                           WHEN n % 100 < 97 THEN interval '3 days' ELSE interval '9 days' END
+       FROM (SELECT meter_id, row_number() OVER (ORDER BY meter_id) AS n FROM meters) m
+       WHERE n % 100 < 98""",
+    """INSERT INTO readings (meter_id, time, import_wh, export_wh, epoch, seq, received_at)
+       SELECT m.meter_id, t, 1000 + k, NULL, 0, k, t
+       FROM meters m, generate_series(1, 7 * $1::integer) AS k,
+            LATERAL (SELECT now() - interval '7 days' + k * interval '1 day' / $1::integer AS t) s""",
+    """INSERT INTO events (meter_id, time, code, epoch, seq, idx, received_at)
+       SELECT m.meter_id, now() - d * interval '1 day', '009', 0, d, 0, now() - d * interval '1 day'
+       FROM meters m, generate_series(1, 7) AS d""",
+    """INSERT INTO events (meter_id, time, code, epoch, seq, idx, received_at)
+       SELECT meter_id, now() - interval '2 days', '003', 0, 100, 0, now() - interval '2 days'
+       FROM (SELECT meter_id, row_number() OVER (ORDER BY meter_id) AS n FROM meters) m WHERE n % 100 = 50""",
+    """INSERT INTO gaps (meter_id, epoch, from_seq, to_seq, status, detected_at, next_request_at)
+       SELECT meter_id, 0, 10, 12, 'open', now() - interval '1 day', now() + interval '1 hour'
+       FROM (SELECT meter_id, row_number() OVER (ORDER BY meter_id) AS n FROM meters) m WHERE n % 50 = 25""",
+    "ANALYZE",
+)
+
+
+async def fleet_history(dsn: str, readings_per_day: int) -> float:
+    t0 = time.monotonic()
+    conn = await asyncpg.connect(dsn, command_timeout=3600)
+    try:
+        for statement in _FLEET_HISTORY:
+            await (
+                conn.execute(statement, readings_per_day) if "$1" in statement else conn.execute(statement)
+            )
+    finally:
+        await conn.close()
+    return time.monotonic() - t0
+
+
+async def fleet_health_reads(dsn: str, repeat: int = 5) -> dict[str, Any]:
+    """The flag refresh (the counts per flag, then the meters that need attention, as
+    `ingestd status` reads them), in process: medians of ``repeat`` rounds after a warm-up."""
+    flags = FlagsConfig()
+    conn = await asyncpg.connect(dsn)
+    try:
+        counts_s, attention_s, listed = [], [], 0
+        for _ in range(repeat + 1):
+            as_of = await conn.fetchval("SELECT now()")
+            t0 = time.perf_counter()
+            counts = await health.flag_counts(conn, as_of, flags)
+            t1 = time.perf_counter()
+            listed = len(await health.fetch_health(conn, as_of, flags, attention=True))
+            counts_s.append(t1 - t0)
+            attention_s.append(time.perf_counter() - t1)
+    finally:
+        await conn.close()
+    return {
+        "flag_counts_ms": round(statistics.median(counts_s[1:]) * 1000, 1),
+        "attention_ms": round(statistics.median(attention_s[1:]) * 1000, 1),
+        "flag_refresh_ms": round(
+            statistics.median(a + b for a, b in zip(counts_s[1:], attention_s[1:], strict=True)) * 1000, 1
+        ),
+        "meters_needing_attention": listed,
+        "flag_counts": counts,
+    }
+
+
+def fleet_daemon_start(
+    env: dict[str, str], port: int, log_path: Path
+) -> tuple[subprocess.Popen[bytes], float]:
+    spawned = time.monotonic()
+    daemon = start_daemon(env, log_path)
+    wait_metric(port, "ingestd_mqtt_connected", 1, timeout=600)
+    return daemon, time.monotonic() - spawned
+
+
+def proc_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def fleet_size(
+    label: str, meters: int, pg: PostgresServer, broker: MosquittoServer, work: Path, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, str], int]:
+    """Import, history, start-up and RSS, status and the flag refresh, at one fleet size;
+    returns the figures, the daemon's environment and its metrics port."""
+    dsn = pg.create_database(f"fleet_{label}")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")} | {
+        "INGESTD_DATABASE_URL": dsn,
+        "INGESTD_MQTT_URL": broker.url,
+        "INGESTD_MQTT_CLIENT_ID": f"ingestd-fleet-{label}",
+        "INGESTD_METRICS_ADDR": f"127.0.0.1:{port}",
+        "INGESTD_LOG_FORMAT": "json",
+        "INGESTD_LOG_LEVEL": "warning",
+    }
+    out: dict[str, Any] = {"meters": meters}
+    _, proc = timed_cli(env, "migrate")
+    assert proc.returncode == 0, proc.stderr
+    path = work / f"fleet-{label}.csv"
+    fleet_csv(path, meters, args.fleet_pems)
+    seconds, proc = timed_cli(env, "meter", "import", str(path))
+    assert proc.returncode == 0, proc.stderr
+    out["import_seconds"] = round(seconds, 2)
+    out["import_meters_per_s"] = round(meters / seconds)
+    print(f"fleet {label}: imported {meters:,} meters in {seconds:.1f} s", flush=True)
+    out["history_seconds"] = round(asyncio.run(fleet_history(dsn, args.fleet_readings_per_day)), 1)
+    out |= asyncio.run(fleet_health_reads(dsn))
+    times = []
+    for _ in range(3):
+        seconds, proc = timed_cli(env, "status")
+        # Exit 1: some meters are red, as the history made them.
+        assert proc.returncode in {0, 1}, proc.stderr
+        times.append(seconds)
+    out["status_cli_seconds"] = round(statistics.median(times), 2)
+    daemon, startup = fleet_daemon_start(env, port, work / f"fleet-{label}.log")
+    out["startup_seconds"] = round(startup, 2)
+    out["rss_at_ready_mib"] = round(proc_rss_mib(daemon.pid), 1)
+    # After the first flag refresh and key look-ups have run.
+    time.sleep(args.fleet_settle_s)
+    out["rss_settled_mib"] = round(proc_rss_mib(daemon.pid), 1)
+    out["verify_workers_rss_mib"] = round(sum(proc_rss_mib(c) for c in children_of(daemon.pid)), 1)
+    daemon.terminate()
+    daemon.wait(60)
+    print(f"fleet {label}: {json.dumps(out)}", flush=True)
+    return out, env, port
+
+
+def fleet_drain(
+    env: dict[str, str],
+    port: int,
+    broker: MosquittoServer,
+    signers: list[Signer],
+    backlog: int,
+    log_path: Path,
+) -> dict[str, Any]:
+    """A backlog several times ingest.max_pending, queued for the (stopped) daemon's session
+    and drained with the default settings: the rate, the disconnects, the duplicates."""
+    messages = presign(signers, 1, backlog, sent=None)
+    publisher = FastPublisher("127.0.0.1", broker.port, "bench-fleet-publisher")
+    try:
+        publisher.publish(messages)
+        publisher.wait_acked(len(messages), timeout=600)
+    finally:
+        publisher.close()
+    t0 = time.monotonic()
+    daemon = start_daemon(env, log_path)
+    try:
+        metrics = wait_metric(port, "ingestd_messages_accepted_total", len(messages), timeout=1800)
+        elapsed = time.monotonic() - t0
+        # Anything redelivered after a disconnect arrives late: give it a moment to show.
+        time.sleep(2)
+        metrics = scrape(port)
+        # Against the settled RSS at start-up (no key loaded): what the talking meters cost.
+        rss = proc_rss_mib(daemon.pid)
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+    received = metrics.get("ingestd_messages_received_total", 0.0)
+    return {
+        "backlog": len(messages),
+        "meters_talking": len(signers),
+        "seconds_from_spawn": round(elapsed, 1),
+        "messages_per_s_including_startup": round(len(messages) / elapsed),
+        "disconnects": int(metrics.get("ingestd_mqtt_disconnects_total", 0.0)),
+        "received": int(received),
+        "duplicates_received": int(received) - len(messages),
+        "rss_after_drain_mib": round(rss, 1),
+    }
+
+
+def run_fleet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    print(f"fleet: making {FLEET_TALKING} ES256 keys ...", flush=True)
+    privates = [generate_private_key("ES256") for _ in range(FLEET_TALKING)]
+    args.fleet_pems = [public_key_pem(k.public_key()).decode() for k in privates]
+    durable = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
+    results: dict[str, Any] = {"load_average_at_start": os.getloadavg()[0]}
+    with (
+        PostgresServer(work / "fleet-pg", settings=durable) as pg,
+        MosquittoServer(work / "fleet-mqtt") as broker,
+    ):
+        small, _, _ = fleet_size("small", FLEET_SMALL, pg, broker, work, args)
+        large, env, port = fleet_size("large", args.fleet_meters, pg, broker, work, args)
+        results["sizes"] = {str(FLEET_SMALL): small, str(args.fleet_meters): large}
+        results["ratios_large_to_small"] = {
+            name: round(large[name] / max(small[name], 1e-9), 2)
+            for name in (
+                "import_seconds",
+                "startup_seconds",
+                "rss_settled_mib",
+                "flag_counts_ms",
+                "attention_ms",
+                "flag_refresh_ms",
+                "status_cli_seconds",
+            )
+        }
+        results["meters_ratio"] = args.fleet_meters / FLEET_SMALL
+        # The large fleet's daemon made its persistent session at start-up: the backlog
+        # queues for it. The talking meters are F-000000.., whose keys are `privates`.
+        signers = [Signer("ES256", f"F-{i:06d}-k1", key) for i, key in enumerate(privates)]
+        print(f"fleet: draining a backlog of {args.fleet_backlog:,} ...", flush=True)
+        results["drain"] = fleet_drain(
+            env, port, broker, signers, args.fleet_backlog, work / "fleet-drain.log"
+        )
+    print(json.dumps(results["drain"]), flush=True)
+    return results
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -565,6 +845,8 @@ def print_table(results: dict[str, Any]) -> None:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    if "throughput" in results and any(r["disconnects"] for r in results["throughput"]["runs"]):
+        print("WARNING: ingestd was disconnected from the broker while draining: these rates are not its own")
 
 
 def small_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
@@ -582,7 +864,51 @@ def small_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         ("daemon peak RSS", f"{mem['daemon_peak_rss_mib']} MiB"),
         ("verification workers' peak RSS, added up", f"{mem['verify_workers_peak_rss_mib']} MiB"),
         ("every message stored exactly once", str(t["exactly_once"] and results["exactly_once_all"])),
+        ("broker disconnects while draining, each run", ", ".join(str(r["disconnects"]) for r in t["runs"])),
+        ("duplicates received, each run", ", ".join(str(r["duplicates_received"]) for r in t["runs"])),
     ]
+
+
+def print_fleet(fleet: dict[str, Any]) -> None:
+    sizes = list(fleet["sizes"])
+    small, large = fleet["sizes"][sizes[0]], fleet["sizes"][sizes[1]]
+    ratio = fleet["ratios_large_to_small"]
+    rows = [
+        ("fleet", f"{int(sizes[0]):,} meters", f"{int(sizes[1]):,} meters", "ratio"),
+        ("meter import, s", small["import_seconds"], large["import_seconds"], ratio["import_seconds"]),
+        ("meter import, meters/s", small["import_meters_per_s"], large["import_meters_per_s"], ""),
+        ("daemon start-up, s", small["startup_seconds"], large["startup_seconds"], ratio["startup_seconds"]),
+        (
+            "daemon RSS settled, MiB",
+            small["rss_settled_mib"],
+            large["rss_settled_mib"],
+            ratio["rss_settled_mib"],
+        ),
+        ("  flag counts, ms", small["flag_counts_ms"], large["flag_counts_ms"], ratio["flag_counts_ms"]),
+        (
+            "  meters needing attention, ms",
+            small["attention_ms"],
+            large["attention_ms"],
+            ratio["attention_ms"],
+        ),
+        ("flag refresh, ms", small["flag_refresh_ms"], large["flag_refresh_ms"], ratio["flag_refresh_ms"]),
+        (
+            "ingestd status, s",
+            small["status_cli_seconds"],
+            large["status_cli_seconds"],
+            ratio["status_cli_seconds"],
+        ),
+    ]
+    for row in rows:
+        print(f"{row[0]:<32}{row[1]!s:>14}{row[2]!s:>18}{row[3]!s:>8}")
+    d = fleet["drain"]
+    print(
+        f"backlog drain at {int(sizes[1]):,} meters: {d['backlog']:,} messages, "
+        f"{d['messages_per_s_including_startup']:,} msg/s from spawn, {d['disconnects']} disconnects, "
+        f"{d['duplicates_received']} duplicates received"
+    )
+    if d["disconnects"]:
+        print("WARNING: disconnects while draining the fleet backlog")
 
 
 if __name__ == "__main__":

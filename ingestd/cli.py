@@ -14,7 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 import structlog
@@ -34,6 +34,8 @@ from ingestd.signature import (
 from ingestd.simulator import add_arguments
 from ingestd.store import Store, database_error
 
+_T = TypeVar("_T")
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -48,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - long, but a flat list of declarations
     common = _Parser(add_help=False)
     common.add_argument(
         "--config",
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--valid-until", type=_timestamp, metavar="TIME", help="RFC 3339 time at which the key expires"
     )
+    _add_import_export(meter_cmds, common)
     listing = meter_cmds.add_parser("list", parents=[common], help="list meters and their keys")
     listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     revoke = meter_cmds.add_parser(
@@ -181,6 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_import_export(meter_cmds: Any, common: argparse.ArgumentParser) -> None:  # noqa: ANN401 - argparse's private subparsers type
+    imp = meter_cmds.add_parser(
+        "import",
+        parents=[common],
+        help="register a fleet from a file (CSV or JSON lines), all or nothing",
+        description="Registers every meter and key of FILE in one transaction: any bad row (each is "
+        "reported with its line number) and nothing is written (exit 2). Re-importing is a no-op for "
+        "meters and keys already registered alike. Format as written by 'ingestd meter export'.",
+    )
+    imp.add_argument("file", metavar="FILE", help="CSV with a header, or JSON lines (.csv, .jsonl)")
+    imp.add_argument("--format", choices=("csv", "jsonl"), help="the file's format (default: its extension)")
+    imp.add_argument(
+        "--dry-run", action="store_true", help="check everything, the database too; write nothing"
+    )
+    export = meter_cmds.add_parser(
+        "export", parents=[common], help="write every meter and key in the format 'meter import' reads"
+    )
+    export.add_argument("--format", choices=("csv", "jsonl"), help="default: --out's extension, else csv")
+    export.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
+    export.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -214,7 +239,11 @@ def _reported(exc: Exception) -> IngestdError | None:
 
 
 def _run_async(coro: Callable[[], Awaitable[int]]) -> int:
-    async def wrapped() -> int:
+    return _run_async_value(coro)
+
+
+def _run_async_value(coro: Callable[[], Awaitable[_T]]) -> _T:
+    async def wrapped() -> _T:
         return await coro()
 
     return asyncio.run(wrapped())
@@ -277,6 +306,10 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
             return EXIT_OK
 
         return _run_async(add)
+    if action == "import":
+        return _meter_import(config, args)
+    if action == "export":
+        return _meter_export(config, args)
     if action == "list":
 
         async def listing() -> int:
@@ -309,6 +342,66 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run_async(revoke)
+
+
+def _meter_import(config: Config, args: argparse.Namespace) -> int:
+    from ingestd import provision  # noqa: PLC0415 - only `meter import` needs it
+
+    path: str = args.file
+    fmt = provision.format_of(path, args.format)
+    plan = provision.read_plan(path, fmt)
+
+    async def go() -> provision.Outcome:
+        async with Store(config.database) as store, store.connection() as conn:
+            return await provision.apply_plan(conn, plan, path, dry_run=args.dry_run)
+
+    try:
+        outcome = _run_async_value(go)
+    except provision.BadRowsError as exc:
+        # One line per bad row, then the verdict (main prints it) as the last line.
+        print("\n".join(exc.lines(path)), file=sys.stderr)
+        raise
+    verb = "would import" if args.dry_run else "imported"
+    print(
+        f"{path}: {verb} {len(plan.meters)} meters ({outcome.meters_new} new, "
+        f"{outcome.meters_updated} updated, {outcome.meters_unchanged} unchanged) and "
+        f"{len(plan.keys)} keys ({outcome.keys_new} new, {outcome.keys_registered} already registered)"
+    )
+    return EXIT_OK
+
+
+def _meter_export(config: Config, args: argparse.Namespace) -> int:
+    from ingestd import provision  # noqa: PLC0415 - only `meter export` needs it
+
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.exists() and not args.force:
+            raise UsageError(f"--out {out}: file exists (use --force to overwrite)")
+        if out.exists() and not out.is_file():
+            raise UsageError(f"--out {out}: not a regular file")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+    fmt = provision.format_of(args.out or "-.csv", args.format or _export_format(out))
+
+    async def go() -> tuple[list[Any], int]:
+        async with Store(config.database) as store, store.connection() as conn:
+            return await provision.export_rows(conn)
+
+    rows, keyless = _run_async_value(go)
+    text = provision.rendered(rows, fmt)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        provision.write_atomically(out, text)
+    if keyless:
+        print(
+            f"ingestd: {keyless} meter(s) without a key not exported (an import needs a key)", file=sys.stderr
+        )
+    return EXIT_OK
+
+
+def _export_format(out: Path | None) -> str:
+    return "jsonl" if out is not None and out.suffix.lower() in {".jsonl", ".ndjson"} else "csv"
 
 
 def _cmd_gaps(config: Config, args: argparse.Namespace) -> int:
