@@ -77,18 +77,43 @@ async def fetch_health(
     attention: not ok, or a tamper event within red_after) as of ``as_of``, by meter id.
     Filtered in SQL: at 100,000 meters the few that need attention cross the wire, not all."""
     rows = await conn.fetch(
-        """SELECT * FROM meter_health_at($1, $2, $3)
-           WHERE ($4::text IS NULL OR site = $4) AND ($5::text IS NULL OR flag = $5)
-             AND (NOT $6 OR flag <> 'ok' OR last_tamper_at IS NOT NULL)
-           ORDER BY meter_id""",
+        _ATTENTION if attention and flag is None else _HEALTH,
         as_of,
         _interval(flags.gray_after_s),
         _interval(flags.red_after_s),
         site,
         flag,
-        attention,
     )
     return [MeterHealth(**dict(r)) for r in rows]
+
+
+_HEALTH: Final = """
+SELECT * FROM meter_health_at($1, $2, $3)
+WHERE ($4::text IS NULL OR site = $4) AND ($5::text IS NULL OR flag = $5)
+ORDER BY meter_id
+"""
+# The few meters that need attention, found first: silent past gray_after or never heard
+# (one pass over meter_epochs, no lookup per meter), or with a tamper event within
+# red_after (a range of the events_code_time index); only they get meter_health_at's
+# per-meter lookups. At 100,000 meters that is the difference between a few thousand
+# index probes and 300,000. The tamper codes are meter_health_at's (migration 0011).
+_ATTENTION: Final = """
+WITH seen AS (
+    SELECT meter_id, max(last_seen_at) AS last_seen FROM meter_epochs GROUP BY meter_id
+), candidates AS (
+    SELECT m.meter_id FROM meters m LEFT JOIN seen s USING (meter_id)
+    WHERE s.last_seen IS NULL OR s.last_seen < $1::timestamptz - $2::interval
+    UNION
+    SELECT e.meter_id FROM events e
+    WHERE e.code IN ('003', '005', '007', '011', '013', '014', '015')
+      AND e.time <= $1::timestamptz AND e.time > $1::timestamptz - $3::interval
+)
+SELECT h.* FROM meter_health_at($1, $2, $3) h
+WHERE h.meter_id IN (SELECT meter_id FROM candidates)
+  AND ($4::text IS NULL OR h.site = $4) AND ($5::text IS NULL OR h.flag = $5)
+  AND (h.flag <> 'ok' OR h.last_tamper_at IS NOT NULL)
+ORDER BY h.meter_id
+"""
 
 
 async def flag_counts(
