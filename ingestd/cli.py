@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON document instead of a table")
 
     _add_audit_parser(commands, common)
+    _add_billing_parser(commands, common)
 
     simulate = commands.add_parser(
         "simulate", parents=[common], help="run a fleet of virtual meters (demo, tests, benchmarks)"
@@ -183,6 +184,21 @@ def _add_audit_parser(commands: Any, common: argparse.ArgumentParser) -> None:  
         "--to", dest="until", type=_timestamp, metavar="TIME", help="only messages received before TIME"
     )
     verify.add_argument("--json", action="store_true", help="one JSON document instead of lines")
+
+
+def _add_billing_parser(commands: Any, common: argparse.ArgumentParser) -> None:  # noqa: ANN401
+    billing = commands.add_parser("billing", parents=[common], help="billing: evidence for a billed figure")
+    billing_cmds = billing.add_subparsers(
+        dest="billing_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    evidence = billing_cmds.add_parser(
+        "evidence",
+        parents=[common],
+        help="write a self-contained bundle that proves a meter's consumption in a period, checkable offline",
+    )
+    evidence.add_argument("--meter", required=True, metavar="ID")
+    evidence.add_argument("--period", required=True, metavar="YYYY-MM", help="a calendar month (UTC)")
+    evidence.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,6 +505,30 @@ def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
     return _run_async(go)
 
 
+def _cmd_billing(config: Config, args: argparse.Namespace) -> int:
+    from ingestd import evidence  # noqa: PLC0415 - only `billing evidence` needs it
+
+    if not METER_ID.fullmatch(args.meter):
+        raise UsageError(f"--meter {args.meter!r} must match [A-Za-z0-9_-]{{1,64}}")
+    evidence.period_bounds(args.period)
+
+    out = Path(args.out)
+    evidence.check_out(out)
+
+    async def go() -> evidence.Evidence:
+        async with Store(config.database) as store, store.connection() as conn:
+            return await evidence.collect(conn, args.meter, args.period)
+
+    manifest = evidence.write(out, asyncio.run(go()))
+    figure = manifest["consumption_wh"]
+    print(
+        f"{args.out}: {len(manifest['messages'])} signed messages, {len(manifest['keys'])} key(s); "
+        f"consumption {figure if figure is not None else 'unknown'} Wh ({manifest['status']}); "
+        f"check with: python3 {out / 'verify.py'}"
+    )
+    return EXIT_OK
+
+
 def _cmd_simulate(config: Config, args: argparse.Namespace) -> int:
     from ingestd.simulator import run_from_args  # noqa: PLC0415 - only `simulate` needs it
 
@@ -504,6 +544,7 @@ _HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "simulate": _cmd_simulate,
     "status": _cmd_status,
     "audit": _cmd_audit,
+    "billing": _cmd_billing,
 }
 
 
