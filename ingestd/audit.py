@@ -16,9 +16,9 @@ the workers while the next chunk is read and parsed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,14 +34,15 @@ if TYPE_CHECKING:
     from ingestd.store import Store
     from ingestd.verifier import VerifierPool
 
-# What each finding means; the order is the order of the summary.
+# What each finding means; the order is the order of the summary. A second stored copy of
+# a message is compared like the first: an identical one changes nothing and is no
+# finding, another one differs from the rows and is reported as what differs.
 FINDING_KINDS: Final = {
     "unparseable": "a stored message no longer parses as a signed message",
     "unknown_key": "its kid is not registered (or to another meter, or for another alg)",
     "key_not_valid": "its key was revoked before it was received, or was not valid then",
     "bad_signature": "its signature does not verify with the key its kid names",
     "header_mismatch": "the raw_messages row says other than the signed body (meter, seq, kid, sent)",
-    "duplicate_message": "more than one raw_messages row for one (meter, epoch, seq)",
     "ledger_missing": "no message_seqs row for a stored message",
     "digest_mismatch": "the message_seqs digest is not that of the signed content",
     "ledger_unsigned": "a message_seqs row with no signed message",
@@ -137,9 +138,9 @@ class Summary:
     messages: int = 0
     readings: int = 0
     events: int = 0
-    findings: Counter[str] = field(default_factory=Counter)
+    findings: collections.Counter[str] = field(default_factory=collections.Counter)
     # Messages signed by a key revoked after they were received: they verify, and stay valid.
-    revoked_after: Counter[str] = field(default_factory=Counter)
+    revoked_after: collections.Counter[str] = field(default_factory=collections.Counter)
     # Signed readings whose interval another message's reading holds (the first one stored).
     held_by_other_message: int = 0
     seconds: float = 0.0
@@ -232,19 +233,26 @@ class Auditor:
             self._by_position = bool(await conn.fetchval(_HAS_EVENT_IDX))
             query = _QUERY.format(events=_EVENTS_BY_POSITION if self._by_position else _EVENTS_BY_IDENTITY)
             cursor = await conn.cursor(query, meter_id, since, until)
-            pending: asyncio.Task[list[bool | None]] | None = None
-            previous: list[_Row] = []
-            while True:
-                records = await cursor.fetch(self._chunk)
-                rows = [self._prepare(r) for r in records]
-                if pending is not None:
-                    await self._finish(conn, previous, await pending)
-                    pending = None
-                if not rows:
-                    break
-                signed = [r.signed for r in rows if r.signed is not None]
-                pending = asyncio.ensure_future(self._pool.verify(signed))
-                previous = rows
+            # Two chunks in flight: the workers verify one while this loop compares the
+            # one before and reads the next.
+            pending: collections.deque[tuple[list[_Row], asyncio.Task[list[bool | None]]]] = (
+                collections.deque()
+            )
+            try:
+                while True:
+                    records = await cursor.fetch(self._chunk)
+                    if records:
+                        rows = [self._prepare(r) for r in records]
+                        signed = [r.signed for r in rows if r.signed is not None]
+                        pending.append((rows, asyncio.ensure_future(self._pool.verify(signed))))
+                    while pending and (len(pending) > 1 or not records):
+                        rows, verifying = pending.popleft()
+                        await self._finish(conn, rows, await verifying)
+                    if not records:
+                        break
+            finally:
+                for _rows, verifying in pending:
+                    verifying.cancel()
         self.summary.seconds = time.monotonic() - started
         return self.summary
 
@@ -318,7 +326,6 @@ class Auditor:
         """With the signatures checked: compare each signed body with the rows."""
         answers = iter(verdicts)
         missing: list[tuple[_Row, Any]] = []
-        seen: set[tuple[str, int, int]] = set()
         for row in rows:
             record = row.record
             if row.signed is None:
@@ -336,13 +343,6 @@ class Auditor:
                     f"signature {why} with key {row.signed.key.kid!r} as registered now",
                 )
                 continue
-            key = (record["meter_id"], record["epoch"], record["seq"])
-            if key in seen:
-                self._found(
-                    "duplicate_message", record, "another raw_messages row has the same (meter, epoch, seq)"
-                )
-                continue
-            seen.add(key)
             try:
                 body = parse_body(row.signed.header.body)
             except Rejected as exc:
