@@ -8,6 +8,9 @@ rate: on a shared host one run says little.
 Phase 2, latency: a publisher sends at a fixed rate while ingestd runs; reported: the
 sent-to-commit delay, p50 and p99 (from the daemon's own histogram).
 Both phases end by checking that every message was stored exactly once.
+Phase 3, audit: ``ingestd audit verify`` over everything the two phases stored (every
+signature checked again, every row compared); reported: messages/s. ``--only audit``
+runs this phase alone, on --messages messages stored directly (no broker, no daemon).
 
 Results go to bench/results/latest.json (and a dated copy) and a printed table.
 """
@@ -37,9 +40,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import FastPublisher  # noqa: E402
 from ingestd.config import DatabaseConfig  # noqa: E402
-from ingestd.envelope import format_time  # noqa: E402
+from ingestd.envelope import check_message, format_time  # noqa: E402
 from ingestd.signature import Signer, generate_private_key, public_key_pem  # noqa: E402
-from ingestd.store import Store  # noqa: E402
+from ingestd.store import Accept, Store  # noqa: E402
 from services import MosquittoServer, PostgresServer, free_port  # noqa: E402
 
 PREFIX = "meters"
@@ -59,6 +62,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--profile", type=Path, metavar="FILE", help="run the daemon under py-spy, collapsed stacks to FILE"
+    )
+    parser.add_argument(
+        "--only", choices=("audit",), help="run one phase alone: audit (stores --messages itself)"
     )
     return parser.parse_args()
 
@@ -229,6 +235,76 @@ async def setup_db(dsn: str, signers: list[Signer]) -> None:
             )
 
 
+def bench_audit(dsn: str, expected: int) -> dict[str, Any]:
+    """``ingestd audit verify`` over the whole database, as an operator runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")} | {
+        "INGESTD_DATABASE_URL": dsn,
+        "INGESTD_LOG_LEVEL": "warning",
+    }
+    print(f"phase 3: ingestd audit verify over {expected} messages ...", flush=True)
+    before = os.times()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingestd.cli", "audit", "verify", "--json"],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    elapsed = time.monotonic() - t0
+    after = os.times()
+    cpu_s = after.children_user + after.children_system - before.children_user - before.children_system
+    summary = orjson.loads(proc.stdout)["summary"] if proc.stdout else {}
+    checked = summary.get("messages_checked", 0)
+    return {
+        "messages": checked,
+        "seconds": round(elapsed, 2),
+        "messages_per_s": round(checked / elapsed),
+        "target_messages_per_s": 5000,
+        # The command and its verification workers (children of this process).
+        "cpu_us_per_message": round(cpu_s / max(checked, 1) * 1e6, 1),
+        "clean": proc.returncode == 0 and summary.get("clean") is True and checked == expected,
+    }
+
+
+async def store_directly(dsn: str, signers: list[Signer], count: int) -> None:
+    """``count`` signed messages stored as the daemon stores them, without the broker."""
+    received = datetime.now(UTC)
+    async with Store(DatabaseConfig(url=dsn)) as store:
+        keys = {k.kid: k for k in await store.load_keys()}
+        messages = presign(signers, 1, count, sent=received)
+        for i in range(0, count, 1000):
+            accepts = [
+                Accept(
+                    check_message(t, p, received, keys, topic_prefix=PREFIX, max_clock_skew=timedelta(0)),
+                    t,
+                    p,
+                    received,
+                )
+                for t, p in messages[i : i + 1000]
+            ]
+            await store.write_batch(accepts, [], now=received)
+
+
+def main_audit_only(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> int:
+    durable = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
+    with PostgresServer(work / "pg", settings=durable) as pg:
+        dsn = pg.create_database("bench")
+        print(f"making {args.meters} ES256 meters, storing {args.messages} messages ...", flush=True)
+        signers = [
+            Signer("ES256", f"B-{i:06d}-k1", generate_private_key("ES256")) for i in range(args.meters)
+        ]
+        asyncio.run(setup_db(dsn, signers))
+        asyncio.run(store_directly(dsn, signers, args.messages))
+        results["audit"] = bench_audit(dsn, args.messages)
+    print(json.dumps(results["audit"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2)
+    stamp = results["date"].replace(":", "").replace("-", "")[:15]
+    (args.out / f"bench-audit-{stamp}.json").write_text(text + "\n")
+    print(f"audit verify: {results['audit']['messages_per_s']:,} msg/s (target 5,000)")
+    return 0 if results["audit"]["clean"] else 1
+
+
 def main() -> int:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
@@ -247,6 +323,8 @@ def main() -> int:
             "seconds": args.seconds,
         },
     }
+    if args.only == "audit":
+        return main_audit_only(args, work, results)
     # Durable as in production: every commit is flushed to disk (the test fixtures turn
     # fsync off, which would flatter the figures).
     durable = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
@@ -387,6 +465,7 @@ def main() -> int:
         daemon.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)
         daemon.wait(60)
         publisher.close()
+        results["audit"] = bench_audit(dsn, backlog_total + total)
 
     args.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2)
@@ -394,7 +473,8 @@ def main() -> int:
     stamp = results["date"].replace(":", "").replace("-", "")[:15]
     (args.out / f"bench-{stamp}.json").write_text(text + "\n")
     print_table(results)
-    return 0 if results["throughput"]["exactly_once"] and results["exactly_once_all"] else 1
+    ok = results["throughput"]["exactly_once"] and results["exactly_once_all"] and results["audit"]["clean"]
+    return 0 if ok else 1
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -412,6 +492,10 @@ def print_table(results: dict[str, Any]) -> None:
         ("daemon peak RSS", f"{mem['daemon_peak_rss_mib']} MiB"),
         ("verification workers' peak RSS, added up", f"{mem['verify_workers_peak_rss_mib']} MiB"),
         ("every message stored exactly once", str(t["exactly_once"] and results["exactly_once_all"])),
+        (
+            "audit verify (every signature and row checked again)",
+            f"{results['audit']['messages_per_s']:,} msg/s over {results['audit']['messages']:,} messages",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
