@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
-if TYPE_CHECKING:
-    import asyncpg
+import asyncpg
 
+if TYPE_CHECKING:
     Conn = asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 
 DAEMON: Final = "ingestd_daemon"
@@ -92,9 +92,13 @@ async def apply(conn: Conn) -> str | None:
             "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
         )
         if may_create:
-            async with conn.transaction():
-                await conn.execute(create_roles_sql(missing))
-            missing = ()
+            try:
+                async with conn.transaction():
+                    await conn.execute(create_roles_sql(missing))
+            except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
+                # Roles belong to the cluster: another database's migrate made them meanwhile.
+                pass
+            missing = await missing_roles(conn)
         else:
             note = (
                 f"roles {', '.join(missing)} do not exist and this role may not create them; "
