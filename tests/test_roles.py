@@ -257,3 +257,20 @@ def test_create_roles_sql() -> None:
         "CREATE ROLE ingestd_billing NOLOGIN; CREATE ROLE ingestd_admin NOLOGIN; "
         "GRANT ingestd_operator TO ingestd_billing; GRANT ingestd_operator TO ingestd_admin;"
     )
+
+
+@pytest.mark.usefixtures("login_roles")
+async def test_an_operator_audits_and_reads_the_history(db_url: str, db: Conn, tmp_path: Path) -> None:
+    await db.execute("INSERT INTO meters (meter_id) VALUES ('M-1')")
+    env = cli_env(as_role(db_url, "ingestd_operator"))
+    for args in (
+        ("audit", "verify"),
+        ("meter", "history", "M-1"),
+        ("billing", "evidence", "--meter", "M-1", "--period", "2026-11", "--out", str(tmp_path / "bundle")),
+    ):
+        proc = ingestd(*args, env=env)
+        assert proc.returncode == 0, f"{args}: {proc.stderr}"
+    # But not what an admin does.
+    proc = ingestd("meter", "revoke-key", "M-1-k1", env=env)
+    assert proc.returncode == 2
+    assert "the role lacks a privilege" in proc.stderr
