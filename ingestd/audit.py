@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from ingestd.store import Store
     from ingestd.verifier import VerifierPool
 
+    _Conn = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+
 # What each finding means; the order is the order of the summary. A second stored copy of
 # a message is compared like the first: an identical one changes nothing and is no
 # finding, another one differs from the rows and is reported as what differs.
@@ -228,33 +230,47 @@ class Auditor:
         self._keys = {k.kid: k for k in await self._store.load_keys()}
         async with (
             self._store.connection() as conn,
+            self._store.connection() as side,
             conn.transaction(readonly=True, isolation="repeatable_read"),
         ):
-            self._by_position = bool(await conn.fetchval(_HAS_EVENT_IDX))
-            query = _QUERY.format(events=_EVENTS_BY_POSITION if self._by_position else _EVENTS_BY_IDENTITY)
-            cursor = await conn.cursor(query, meter_id, since, until)
-            # Two chunks in flight: the workers verify one while this loop compares the
-            # one before and reads the next.
-            pending: collections.deque[tuple[list[_Row], asyncio.Task[list[bool | None]]]] = (
-                collections.deque()
-            )
-            try:
-                while True:
-                    records = await cursor.fetch(self._chunk)
-                    if records:
-                        rows = [self._prepare(r) for r in records]
-                        signed = [r.signed for r in rows if r.signed is not None]
-                        pending.append((rows, asyncio.ensure_future(self._pool.verify(signed))))
-                    while pending and (len(pending) > 1 or not records):
-                        rows, verifying = pending.popleft()
-                        await self._finish(conn, rows, await verifying)
-                    if not records:
-                        break
-            finally:
-                for _rows, verifying in pending:
-                    verifying.cancel()
+            # The side connection looks rows up while the main one streams the join: in
+            # the same snapshot, so that both see one state of the database.
+            snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+            async with side.transaction(readonly=True, isolation="repeatable_read"):
+                await side.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+                self._by_position = bool(await conn.fetchval(_HAS_EVENT_IDX))
+                query = _QUERY.format(
+                    events=_EVENTS_BY_POSITION if self._by_position else _EVENTS_BY_IDENTITY
+                )
+                cursor = await conn.cursor(query, meter_id, since, until)
+                await self._stream(cursor, side)
         self.summary.seconds = time.monotonic() - started
         return self.summary
+
+    async def _stream(self, cursor: asyncpg.cursor.Cursor[asyncpg.Record], side: _Conn) -> None:
+        """Three stages at once: the database produces the next chunk, the workers verify
+        the one read last, and this loop compares the one before with its rows."""
+        pending: collections.deque[tuple[list[_Row], asyncio.Task[list[bool | None]]]] = collections.deque()
+        fetching: asyncio.Task[list[asyncpg.Record]] | None = asyncio.ensure_future(cursor.fetch(self._chunk))
+        try:
+            while fetching is not None:
+                records = await fetching
+                fetching = asyncio.ensure_future(cursor.fetch(self._chunk)) if records else None
+                if records:
+                    rows = [self._prepare(r) for r in records]
+                    signed = [r.signed for r in rows if r.signed is not None]
+                    pending.append((rows, asyncio.ensure_future(self._pool.verify(signed))))
+                while pending and (len(pending) > 1 or fetching is None):
+                    rows, verifying = pending.popleft()
+                    await self._finish(side, rows, await verifying)
+        finally:
+            for task in [*(verifying for _rows, verifying in pending), *([fetching] if fetching else [])]:
+                task.cancel()
+            await asyncio.gather(
+                *(verifying for _rows, verifying in pending),
+                *([fetching] if fetching else []),
+                return_exceptions=True,
+            )
 
     def _found(self, kind: str, record: asyncpg.Record, detail: str) -> None:
         self.summary.findings[kind] += 1
@@ -319,7 +335,7 @@ class Auditor:
 
     async def _finish(
         self,
-        conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+        conn: _Conn,
         rows: Sequence[_Row],
         verdicts: list[bool | None],
     ) -> None:
@@ -421,9 +437,7 @@ class Auditor:
                 )
         return missing
 
-    async def _readings_elsewhere(
-        self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], missing: Sequence[tuple[_Row, Any]]
-    ) -> None:
+    async def _readings_elsewhere(self, conn: _Conn, missing: Sequence[tuple[_Row, Any]]) -> None:
         rows = await conn.fetch(
             _READINGS_AT, [r.record["meter_id"] for r, _ in missing], [reading.time for _, reading in missing]
         )
