@@ -13,7 +13,7 @@ import pytest
 from test_cli import cli_env, ingestd
 
 from helpers import SignedMeter, register, store_signed
-from ingestd.audit import Auditor, Finding
+from ingestd.audit import Auditor, Finding, _same_detail, describe_change
 from ingestd.config import DatabaseConfig, FlagsConfig
 from ingestd.health import classify_power_losses
 from ingestd.signature import Alg, generate_private_key, public_key_pem
@@ -277,3 +277,32 @@ async def test_chunks_and_events_by_position(store: Store, db: Conn) -> None:
         "event_missing: meter A-3 epoch 0 seq 2: signed events[0] is not stored",
     ]
     assert summary.findings == {"event_altered": 1, "event_missing": 1}
+
+
+def test_the_daemons_classification_of_a_power_loss_is_no_finding() -> None:
+    classified = {"isolated": True, "site_meters": 3, "site_power_losses": 0}
+    assert _same_detail({**classified}, {}, "001")
+    assert _same_detail({"phase": 2, **classified}, {"phase": 2}, "001")
+    assert not _same_detail({"phase": 3, **classified}, {"phase": 2}, "001")
+    # Only on power losses, and only the daemon's three keys together.
+    assert not _same_detail({**classified}, {}, "003")
+    assert not _same_detail({"isolated": True}, {}, "001")
+    # A meter that signed "isolated" itself is never classified: its detail must be as signed.
+    assert not _same_detail({**classified, "isolated": False}, {"isolated": True}, "001")
+
+
+def test_a_change_in_one_line() -> None:
+    entry = {
+        "action": "UPDATE",
+        "table_name": "meter_keys",
+        "old_values": {"kid": "K", "public_key": "A", "revoked_at": None},
+        "new_values": {"kid": "K", "public_key": "B", "revoked_at": "2026-12-01T00:00:00+00:00"},
+    }
+    assert describe_change(entry) == (
+        "public_key: sha256:559aead08264d579 -> sha256:df7e70e5021544f4, "
+        "revoked_at: - -> 2026-12-01T00:00:00+00:00"
+    )
+    assert describe_change({**entry, "action": "DELETE"}) == "kid=K public_key=sha256:559aead08264d579"
+    assert describe_change({**entry, "action": "TRUNCATE", "old_values": None, "new_values": None}) == (
+        "every row deleted"
+    )

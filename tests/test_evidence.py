@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,9 @@ from test_cli import cli_env, ingestd
 
 from helpers import SignedMeter, register, store_signed
 from ingestd.config import DatabaseConfig
+from ingestd.errors import UsageError
+from ingestd.evidence import period_bounds
+from ingestd.evidence_verify import interpolate
 from ingestd.signature import Alg
 from ingestd.simulator import KeyFactory
 from ingestd.store import Store
@@ -206,3 +209,23 @@ async def test_bad_input_is_one_line_and_nothing_is_written(
     proc = evidence(db_url, meter.meter_id, out)
     assert proc.returncode == 2
     assert "exists and is not an empty directory" in proc.stderr
+
+
+def test_period_bounds_are_utc_calendar_months() -> None:
+    assert period_bounds("2026-11") == (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
+    assert period_bounds("2026-12") == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    for bad in ("2026-13", "2026-1", "26-11", "2026-11-01", "2026-00"):
+        with pytest.raises(UsageError, match="expected a month as YYYY-MM"):
+            period_bounds(bad)
+
+
+def test_interpolation_is_exact_to_the_even_wh() -> None:
+    t0 = datetime(2026, 11, 30, 18, tzinfo=UTC)
+    t1 = datetime(2026, 12, 1, 6, tzinfo=UTC)
+    midnight = datetime(2026, 12, 1, tzinfo=UTC)
+    assert interpolate(t0, 9_000, t1, 9_601, midnight) == 9_300  # 9300.5: to the even Wh
+    assert interpolate(t0, 9_000, t1, 9_603, midnight) == 9_302  # 9301.5
+    assert interpolate(t0, 9_000, t1, 9_900, t0 + timedelta(hours=4)) == 9_300
+    # Registers of 2^62 Wh: no float would keep them exact.
+    big = 2**62
+    assert interpolate(t0, big, t1, big + 2, midnight) == big + 1
