@@ -461,13 +461,18 @@ class Auditor:
         codes = record["e_code"] or ()
         details = record["e_detail"] or ()
         self.summary.events += len(times)
+        Stored = dict[Any, tuple[datetime, str, dict[str, Any]]]  # noqa: N806 - a local alias
+        # Rows whose position is not known (a negative idx, migration 0005: written by a
+        # daemon older than the column, or not placed by the upgrade): matched by content.
+        unplaced: list[tuple[datetime, str, dict[str, Any]]] = []
         if self._by_position:
-            stored: dict[Any, tuple[datetime, str, dict[str, Any]]] = dict(
-                zip(record["e_idx"] or (), zip(times, codes, details, strict=True), strict=True)
-            )
-            signed: dict[Any, tuple[datetime, str, dict[str, Any]]] = {
-                i: (e.time, e.code, e.detail) for i, e in enumerate(body.events)
-            }
+            stored: Stored = {}
+            for i, event in zip(record["e_idx"] or (), zip(times, codes, details, strict=True), strict=True):
+                if i < 0:
+                    unplaced.append(event)
+                else:
+                    stored[i] = event
+            signed: Stored = {i: (e.time, e.code, e.detail) for i, e in enumerate(body.events)}
             label: Callable[[Any], str] = lambda i: f"events[{i}]"  # noqa: E731
         else:
             # Without a position, an event is (time, code) within its message: the identity
@@ -480,7 +485,14 @@ class Auditor:
         for k, (t, code, detail) in signed.items():
             row = stored.get(k)
             if row is None:
-                self._found("event_missing", record, f"signed {label(k)} is not stored")
+                match = next(
+                    (u for u in unplaced if u[0] == t and u[1] == code and _same_detail(u[2], detail, code)),
+                    None,
+                )
+                if match is not None:
+                    unplaced.remove(match)
+                else:
+                    self._found("event_missing", record, f"signed {label(k)} is not stored")
                 continue
             differs = _differences(("time", row[0], t), ("code", row[1], code))
             if not _same_detail(row[2], detail, code):
@@ -489,6 +501,12 @@ class Auditor:
                 self._found("event_altered", record, f"{label(k)}: {differs}")
         for k in stored.keys() - signed.keys():
             self._found("event_unsigned", record, f"{label(k)} is not in the message")
+        for t, code, _detail in unplaced:
+            self._found(
+                "event_unsigned",
+                record,
+                f"event {code} at {format_time(t)} (no position) is not in the message",
+            )
 
 
 def _differences(*fields: tuple[str, object, object]) -> str:

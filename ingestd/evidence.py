@@ -295,7 +295,7 @@ How to check it without verify.py
      manifest.json lists for it ("files").
   2. Verify each messages/*.jws with any JOSE library: the protected header's "kid"
      names the key (manifest.json "keys" -> its file), "alg" must be that key's alg.
-     RS256, PS256, ES256 and EdDSA (Ed25519) are registered JOSE algorithms. DS256 is
+     RS256, PS256, ES256, EdDSA and Ed25519 are registered JOSE algorithms. DS256 is
      not: it is DSA with SHA-256 over the JWS signing input (protected.payload), the
      signature being r||s, each as wide as the key's q; openssl checks it after
      converting r||s to DER:  openssl dgst -sha256 -verify KEY.pem -signature SIG.der INPUT

@@ -8,7 +8,7 @@ Needs Python 3.11 or newer and the ``cryptography`` package, nothing else. It ch
    against its SHA-256;
 2. every signed message (``messages/*.jws``, JWS flattened JSON, byte for byte as the
    meter sent it) against the public key its header names (``keys/*.pem``), with the
-   algorithm that key is registered for (RS256, PS256, ES256, EdDSA or DS256), and that
+   algorithm that key is registered for (RS256, PS256, ES256, EdDSA or Ed25519, DS256), and that
    the key was valid when the message was received;
 3. that the boundary readings the manifest names are in those signed messages, with
    those values; an interpolated boundary is recomputed from the two signed readings
@@ -75,7 +75,7 @@ def verify_signature(alg: str, key: Any, signature: bytes, signing_input: bytes)
                 return False
             r, s = (int.from_bytes(signature[i : i + _P256_BYTES], "big") for i in (0, _P256_BYTES))
             key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(sha256))
-        elif alg == "EdDSA" and isinstance(key, ed25519.Ed25519PublicKey):
+        elif alg in {"EdDSA", "Ed25519"} and isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, signing_input)
         elif alg == "RS256" and isinstance(key, rsa.RSAPublicKey):
             key.verify(signature, signing_input, padding.PKCS1v15(), sha256)

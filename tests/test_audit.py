@@ -263,6 +263,8 @@ async def test_chunks_and_events_by_position(store: Store, db: Conn) -> None:
     compared by their position in the message once events.idx exists (migration 0005)."""
     await db.execute("ALTER TABLE events ADD COLUMN IF NOT EXISTS idx integer")
     await db.execute("UPDATE events SET idx = 0")
+    # A position not known (stored by a daemon older than the column): matched by content.
+    await db.execute("UPDATE events SET idx = -1 WHERE meter_id = 'A-4' AND seq = 2")
     found: list[Finding] = []
     async with VerifierPool(2) as pool:
         summary = await Auditor(store, pool, topic_prefix="meters", report=found.append, chunk=3).run()
@@ -271,12 +273,20 @@ async def test_chunks_and_events_by_position(store: Store, db: Conn) -> None:
         assert summary.clean
         await db.execute("UPDATE events SET code = '005' WHERE meter_id = 'A-2' AND seq = 3")
         await db.execute("DELETE FROM events WHERE meter_id = 'A-3' AND seq = 2")
+        await db.execute(
+            "INSERT INTO events (meter_id, time, code, epoch, seq, idx, received_at) "
+            "VALUES ('A-1', '2026-01-10T02:00:00Z', '013', 0, 2, -2, '2026-01-10T12:00:00Z')"
+        )
         summary = await Auditor(store, pool, topic_prefix="meters", report=found.append, chunk=3).run()
     assert sorted(f.line() for f in found) == [
         "event_altered: meter A-2 epoch 0 seq 3: events[0]: code stored 005, signed 003",
         "event_missing: meter A-3 epoch 0 seq 2: signed events[0] is not stored",
+        (
+            "event_unsigned: meter A-1 epoch 0 seq 2: "
+            "event 013 at 2026-01-10T02:00:00Z (no position) is not in the message"
+        ),
     ]
-    assert summary.findings == {"event_altered": 1, "event_missing": 1}
+    assert summary.findings == {"event_altered": 1, "event_missing": 1, "event_unsigned": 1}
 
 
 def test_the_daemons_classification_of_a_power_loss_is_no_finding() -> None:
