@@ -27,6 +27,7 @@ SELECT 'CREATE DATABASE ingestd_demo OWNER ingestd_demo' WHERE NOT EXISTS (SELEC
 -- itself runs as its one role, the owner of everything.
 SELECT format('CREATE ROLE %I NOLOGIN', r) FROM unnest(ARRAY['ingestd_daemon', 'ingestd_operator', 'ingestd_billing', 'ingestd_admin']) AS r
     WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r)\gexec
+SET client_min_messages = warning;  -- "already a member", on every run but the first
 GRANT ingestd_operator TO ingestd_billing, ingestd_admin;
 SQL
 # The extension needs a superuser to create; the migration then finds it in place.
