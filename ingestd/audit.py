@@ -60,6 +60,8 @@ CHUNK: Final = 2000
 # Keys the daemon adds to a power loss's detail when it classifies it (ingestd/health.py
 # _CLASSIFY): the only change to a stored row the daemon makes, so not a finding.
 _CLASSIFIER_KEYS: Final = frozenset({"isolated", "site_meters", "site_power_losses"})
+# Events of one message by their position, or by (time, code): time, code, detail.
+_Events = dict[Any, tuple[datetime, str, dict[str, Any]]]
 
 # {events} is the events part: by position once the table has events.idx (migration
 # 0005), else by (time, code), the identity the unique index of migration 0001 keeps.
@@ -461,18 +463,17 @@ class Auditor:
         codes = record["e_code"] or ()
         details = record["e_detail"] or ()
         self.summary.events += len(times)
-        Stored = dict[Any, tuple[datetime, str, dict[str, Any]]]  # noqa: N806 - a local alias
         # Rows whose position is not known (a negative idx, migration 0005: written by a
         # daemon older than the column, or not placed by the upgrade): matched by content.
         unplaced: list[tuple[datetime, str, dict[str, Any]]] = []
         if self._by_position:
-            stored: Stored = {}
+            stored: _Events = {}
             for i, event in zip(record["e_idx"] or (), zip(times, codes, details, strict=True), strict=True):
                 if i < 0:
                     unplaced.append(event)
                 else:
                     stored[i] = event
-            signed: Stored = {i: (e.time, e.code, e.detail) for i, e in enumerate(body.events)}
+            signed: _Events = {i: (e.time, e.code, e.detail) for i, e in enumerate(body.events)}
             label: Callable[[Any], str] = lambda i: f"events[{i}]"  # noqa: E731
         else:
             # Without a position, an event is (time, code) within its message: the identity
