@@ -18,6 +18,9 @@ Fleet (``--only fleet`` runs it alone): ``meter import`` of 1,000 and ``--fleet-
 RSS, ``ingestd status`` and the flag refresh; then a backlog several times
 ``ingest.max_pending`` drained with the default settings (disconnects and duplicates
 received are reported). Ratios of the two sizes in one run.
+Audit: ``ingestd audit verify`` over everything phases 1 and 2 stored (every signature
+checked again, every row compared); reported: messages/s. ``--only audit`` runs it alone,
+on --messages messages stored directly (no broker, no daemon).
 
 Results go to bench/results/latest.json (and a dated copy) and a printed table.
 """
@@ -50,9 +53,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import FastPublisher, max_size_messages  # noqa: E402
 from ingestd import health  # noqa: E402
 from ingestd.config import DatabaseConfig, FlagsConfig  # noqa: E402
-from ingestd.envelope import MAX_READINGS, format_time  # noqa: E402
+from ingestd.envelope import MAX_READINGS, check_message, format_time  # noqa: E402
 from ingestd.signature import Signer, generate_private_key, public_key_pem  # noqa: E402
-from ingestd.store import Store  # noqa: E402
+from ingestd.store import Accept, Store  # noqa: E402
 from services import MosquittoServer, PostgresServer, free_port  # noqa: E402
 
 PREFIX = "meters"
@@ -74,7 +77,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--large-meters", type=int, default=100, help="phase 3 meters")
     parser.add_argument("--large-only", action="store_true", help="run phase 3 alone")
-    parser.add_argument("--only", choices=("fleet",), help="run only this section")
+    parser.add_argument(
+        "--only",
+        choices=("fleet", "audit"),
+        help="run only this section (audit stores --messages itself, no broker or daemon)",
+    )
     parser.add_argument("--no-fleet", action="store_true", help="skip the fleet section (the longest)")
     parser.add_argument(
         "--fleet-meters", type=int, default=100_000, help="the large fleet (the small: 1,000)"
@@ -281,6 +288,83 @@ async def setup_db(dsn: str, signers: list[Signer], *, interval_s: int = 900) ->
             )
 
 
+def bench_audit(dsn: str, expected: int) -> dict[str, Any]:
+    """``ingestd audit verify`` over the whole database, as an operator runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")} | {
+        "INGESTD_DATABASE_URL": dsn,
+        "INGESTD_LOG_LEVEL": "warning",
+    }
+    print(f"phase 3: ingestd audit verify over {expected} messages ...", flush=True)
+    before = os.times()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingestd.cli", "audit", "verify", "--json"],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    elapsed = time.monotonic() - t0
+    after = os.times()
+    cpu_s = after.children_user + after.children_system - before.children_user - before.children_system
+    summary = orjson.loads(proc.stdout)["summary"] if proc.stdout else {}
+    checked = summary.get("messages_checked", 0)
+    return {
+        "messages": checked,
+        "seconds": round(elapsed, 2),
+        "messages_per_s": round(checked / elapsed),
+        "target_messages_per_s": 5000,
+        # The command and its verification workers (children of this process).
+        "cpu_us_per_message": round(cpu_s / max(checked, 1) * 1e6, 1),
+        "clean": proc.returncode == 0 and summary.get("clean") is True and checked == expected,
+        # On a shared host the rate says as much about the neighbours as about the code.
+        "load_average_1min_after": round(os.getloadavg()[0], 1),
+    }
+
+
+async def store_directly(dsn: str, signers: list[Signer], count: int) -> None:
+    """``count`` signed messages stored as the daemon stores them, without the broker."""
+    received = datetime.now(UTC)
+    async with Store(DatabaseConfig(url=dsn)) as store:
+        keys = {k.kid: k for k in await store.load_keys()}
+        messages = presign(signers, 1, count, sent=received)
+        for i in range(0, count, 1000):
+            accepts = [
+                Accept(
+                    check_message(
+                        t,
+                        p,
+                        received,
+                        keys,
+                        topic_prefix=PREFIX,
+                        max_clock_skew=timedelta(0),
+                        max_data_age=timedelta(days=100),
+                    ),
+                    t,
+                    p,
+                    received,
+                )
+                for t, p in messages[i : i + 1000]
+            ]
+            await store.write_batch(accepts, [], now=received)
+
+
+def main_audit_only(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> int:
+    durable = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
+    with PostgresServer(work / "pg", settings=durable) as pg:
+        dsn = pg.create_database("bench")
+        print(f"making {args.meters} ES256 meters, storing {args.messages} messages ...", flush=True)
+        signers = [
+            Signer("ES256", f"B-{i:06d}-k1", generate_private_key("ES256")) for i in range(args.meters)
+        ]
+        asyncio.run(setup_db(dsn, signers))
+        asyncio.run(store_directly(dsn, signers, args.messages))
+        results["audit"] = bench_audit(dsn, args.messages)
+    print(json.dumps(results["audit"]))
+    write_results(args.out, results, "bench-audit")
+    print(f"audit verify: {results['audit']['messages_per_s']:,} msg/s (target 5,000)")
+    return 0 if results["audit"]["clean"] else 1
+
+
 def drain_large(
     args: argparse.Namespace,
     dsn: str,
@@ -402,6 +486,8 @@ def main() -> int:
             "large_only": args.large_only,
         },
     }
+    if args.only == "audit":
+        return main_audit_only(args, work, results)
     # Durable as in production: every commit is flushed to disk (the test fixtures turn
     # fsync off, which would flatter the figures).
     durable = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
@@ -549,6 +635,7 @@ def main() -> int:
             # py-spy writes its profile on SIGINT; the daemon shuts down cleanly on either.
             daemon.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)
             daemon.wait(60)
+            results["audit"] = bench_audit(dsn, backlog_total + total)
         else:
             daemon.terminate()
             daemon.wait(60)
@@ -568,7 +655,7 @@ def main() -> int:
         print_fleet(results["fleet"])
     ok = [results["large_messages"]["exactly_once"]] if args.large else []
     if not args.large_only:
-        ok += [results["throughput"]["exactly_once"], results["exactly_once_all"]]
+        ok += [results["throughput"]["exactly_once"], results["exactly_once_all"], results["audit"]["clean"]]
     return 0 if all(ok) else 1
 
 
@@ -864,6 +951,10 @@ def small_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         ("daemon peak RSS", f"{mem['daemon_peak_rss_mib']} MiB"),
         ("verification workers' peak RSS, added up", f"{mem['verify_workers_peak_rss_mib']} MiB"),
         ("every message stored exactly once", str(t["exactly_once"] and results["exactly_once_all"])),
+        (
+            "audit verify (every signature and row checked again)",
+            f"{results['audit']['messages_per_s']:,} msg/s over {results['audit']['messages']:,} messages",
+        ),
         ("broker disconnects while draining, each run", ", ".join(str(r["disconnects"]) for r in t["runs"])),
         ("duplicates received, each run", ", ".join(str(r["duplicates_received"]) for r in t["runs"])),
     ]

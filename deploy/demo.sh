@@ -23,6 +23,12 @@ as_postgres psql -X -q -v ON_ERROR_STOP=1 -d postgres <<SQL
 SELECT 'CREATE ROLE ingestd_demo LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ingestd_demo')\gexec
 ALTER ROLE ingestd_demo PASSWORD '$password';
 SELECT 'CREATE DATABASE ingestd_demo OWNER ingestd_demo' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'ingestd_demo')\gexec
+-- The least-privilege roles (docs/security.md), which 'ingestd migrate' grants; the demo
+-- itself runs as its one role, the owner of everything.
+SELECT format('CREATE ROLE %I NOLOGIN', r) FROM unnest(ARRAY['ingestd_daemon', 'ingestd_operator', 'ingestd_billing', 'ingestd_admin']) AS r
+    WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r)\gexec
+SET client_min_messages = warning;  -- "already a member", on every run but the first
+GRANT ingestd_operator TO ingestd_billing, ingestd_admin;
 SQL
 # The extension needs a superuser to create; the migration then finds it in place.
 as_postgres psql -X -q -v ON_ERROR_STOP=1 -d ingestd_demo -c "CREATE EXTENSION IF NOT EXISTS timescaledb"

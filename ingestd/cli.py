@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - long, but a fl
         "revoke-key", parents=[common], help="revoke a key: its messages are rejected from now on"
     )
     revoke.add_argument("kid", metavar="KID")
+    history = meter_cmds.add_parser(
+        "history",
+        parents=[common],
+        help="every change to a meter and its keys, from the admin log: when, by which role, what",
+    )
+    history.add_argument("meter_id", metavar="METER_ID")
+    history.add_argument("--json", action="store_true", help="one JSON document instead of a table")
 
     gaps = commands.add_parser(
         "gaps", parents=[common], help="list sequence gaps; 'gaps request' asks a meter to replay now"
@@ -176,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - long, but a fl
     )
     check.add_argument("--valid-from", type=_timestamp, metavar="TIME", help="the key's valid_from")
     check.add_argument("--valid-until", type=_timestamp, metavar="TIME", help="the key's valid_until")
+    _add_audit_parser(commands, common)
+    _add_billing_parser(commands, common)
 
     simulate = commands.add_parser(
         "simulate", parents=[common], help="run a fleet of virtual meters (demo, tests, benchmarks)"
@@ -204,6 +213,48 @@ def _add_import_export(meter_cmds: Any, common: argparse.ArgumentParser) -> None
     export.add_argument("--format", choices=("csv", "jsonl"), help="default: --out's extension, else csv")
     export.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
     export.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+
+
+def _add_audit_parser(commands: Any, common: argparse.ArgumentParser) -> None:  # noqa: ANN401 - argparse's private type
+    audit = commands.add_parser(
+        "audit", parents=[common], help="check the stored data against the signatures"
+    )
+    audit_cmds = audit.add_subparsers(
+        dest="audit_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    verify = audit_cmds.add_parser(
+        "verify",
+        parents=[common],
+        help="verify every stored message again and compare readings, events and the ledger with it; "
+        "exit 1 on any finding",
+    )
+    verify.add_argument("--meter", metavar="ID", help="only this meter")
+    verify.add_argument(
+        "--from",
+        dest="since",
+        type=_timestamp,
+        metavar="TIME",
+        help="only messages received at or after TIME",
+    )
+    verify.add_argument(
+        "--to", dest="until", type=_timestamp, metavar="TIME", help="only messages received before TIME"
+    )
+    verify.add_argument("--json", action="store_true", help="one JSON document instead of lines")
+
+
+def _add_billing_parser(commands: Any, common: argparse.ArgumentParser) -> None:  # noqa: ANN401
+    billing = commands.add_parser("billing", parents=[common], help="billing: evidence for a billed figure")
+    billing_cmds = billing.add_subparsers(
+        dest="billing_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    evidence = billing_cmds.add_parser(
+        "evidence",
+        parents=[common],
+        help="write a self-contained bundle that proves a meter's consumption in a period, checkable offline",
+    )
+    evidence.add_argument("--meter", required=True, metavar="ID")
+    evidence.add_argument("--period", required=True, metavar="YYYY-MM", help="a calendar month (UTC)")
+    evidence.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,7 +303,7 @@ def _run_async_value(coro: Callable[[], Awaitable[_T]]) -> _T:
 def _cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
     async def go() -> int:
         async with Store(config.database) as store:
-            applied = await store.migrate()
+            applied = await store.migrate(note=lambda text: print(f"ingestd: {text}", file=sys.stderr))
         if applied:
             for m in applied:
                 print(f"applied {m.version:04d}_{m.name}")
@@ -332,6 +383,8 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
             return EXIT_OK
 
         return _run_async(listing)
+    if action == "history":
+        return _meter_history(config, args)
 
     async def revoke() -> int:
         async with Store(config.database) as store:
@@ -402,6 +455,47 @@ def _meter_export(config: Config, args: argparse.Namespace) -> int:
 
 def _export_format(out: Path | None) -> str:
     return "jsonl" if out is not None and out.suffix.lower() in {".jsonl", ".ndjson"} else "csv"
+
+
+def _meter_history(config: Config, args: argparse.Namespace) -> int:
+    from ingestd.audit import describe_change, meter_history  # noqa: PLC0415 - only `history` needs it
+
+    if not METER_ID.fullmatch(args.meter_id):
+        raise UsageError(f"METER_ID {args.meter_id!r} must match [A-Za-z0-9_-]{{1,64}}")
+
+    async def go() -> int:
+        async with Store(config.database) as store, store.connection() as conn:
+            entries = await meter_history(conn, args.meter_id)
+            registered = await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM meters WHERE meter_id = $1)", args.meter_id
+            )
+        if not entries and not registered:
+            raise UsageError(f"meter {args.meter_id!r}: not registered, and no change to it is logged")
+        if args.json:
+            for entry in entries:
+                entry["logged_at"] = entry["logged_at"].isoformat()
+            print(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode())
+            return EXIT_OK
+        _print_table(
+            ("TIME", "ROLE", "SESSION USER", "APPLICATION", "ACTION", "TABLE", "KEY", "CHANGE"),
+            [
+                (
+                    e["logged_at"].isoformat(timespec="seconds"),
+                    e["db_role"],
+                    e["session_role"],
+                    e["application_name"] or "-",
+                    e["action"],
+                    e["table_name"],
+                    e["row_key"] or "-",
+                    describe_change(e),
+                )
+                for e in entries
+            ],
+            empty=f"no change to meter {args.meter_id} is logged (the log starts with migration 0010)",
+        )
+        return EXIT_OK
+
+    return _run_async(go)
 
 
 def _cmd_gaps(config: Config, args: argparse.Namespace) -> int:
@@ -549,6 +643,64 @@ def _cmd_check_message(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
+    from ingestd.audit import Auditor, Finding  # noqa: PLC0415 - only `audit` needs it
+    from ingestd.verifier import VerifierPool  # noqa: PLC0415
+
+    if args.meter is not None and not METER_ID.fullmatch(args.meter):
+        raise UsageError(f"--meter {args.meter!r} must match [A-Za-z0-9_-]{{1,64}}")
+    if args.since and args.until and args.until <= args.since:
+        raise UsageError("--to must be later than --from")
+    first = True
+
+    def report(finding: Finding) -> None:
+        # Printed as found, never collected: a store tampered with throughout stays in bounded memory.
+        nonlocal first
+        if args.json:
+            prefix = '{"findings": [\n' if first else ",\n"
+            sys.stdout.write(prefix + orjson.dumps(finding.as_json()).decode())
+        else:
+            print(finding.line())
+        first = False
+
+    async def go() -> int:
+        async with Store(config.database) as store, VerifierPool(config.ingest.verify_workers) as pool:
+            auditor = Auditor(store, pool, topic_prefix=config.mqtt.topic_prefix, report=report)
+            summary = await auditor.run(meter_id=args.meter, since=args.since, until=args.until)
+        if args.json:
+            head = '{"findings": [],' if first else "\n],"
+            sys.stdout.write(f'{head} "summary": {orjson.dumps(summary.as_json()).decode()}}}\n')
+        else:
+            print("\n".join(summary.lines()))
+        return EXIT_OK if summary.clean else EXIT_FAILURE
+
+    return _run_async(go)
+
+
+def _cmd_billing(config: Config, args: argparse.Namespace) -> int:
+    from ingestd import evidence  # noqa: PLC0415 - only `billing evidence` needs it
+
+    if not METER_ID.fullmatch(args.meter):
+        raise UsageError(f"--meter {args.meter!r} must match [A-Za-z0-9_-]{{1,64}}")
+    evidence.period_bounds(args.period)
+
+    out = Path(args.out)
+    evidence.check_out(out)
+
+    async def go() -> evidence.Evidence:
+        async with Store(config.database) as store, store.connection() as conn:
+            return await evidence.collect(conn, args.meter, args.period)
+
+    manifest = evidence.write(out, asyncio.run(go()))
+    figure = manifest["consumption_wh"]
+    print(
+        f"{args.out}: {len(manifest['messages'])} signed messages, {len(manifest['keys'])} key(s); "
+        f"consumption {figure if figure is not None else 'unknown'} Wh ({manifest['status']}); "
+        f"check with: python3 {out / 'verify.py'}"
+    )
+    return EXIT_OK
+
+
 def _cmd_simulate(config: Config, args: argparse.Namespace) -> int:
     from ingestd.simulator import run_from_args  # noqa: PLC0415 - only `simulate` needs it
 
@@ -568,6 +720,8 @@ _HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "simulate": _cmd_simulate,
     "check-message": _cmd_check_message,
     "status": _cmd_status,
+    "audit": _cmd_audit,
+    "billing": _cmd_billing,
 }
 
 

@@ -23,6 +23,7 @@ import asyncpg
 import orjson
 import structlog
 
+from ingestd import roles
 from ingestd.config import DatabaseConfig, GapsConfig, read_secret
 from ingestd.envelope import Message, MeterKey, shown_topic
 from ingestd.errors import IngestdError, RejectReason, ServiceUnavailable, UsageError
@@ -170,6 +171,9 @@ async def _init_connection(conn: Connection) -> None:
 
 def connect_kwargs(config: DatabaseConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dsn": config.url, "timeout": config.connect_timeout_s}
+    if "application_name=" not in config.url:
+        # Shown in admin_log and pg_stat_activity: a change made by ingestd, not by hand.
+        kwargs["server_settings"] = {"application_name": "ingestd"}
     if config.password_file:
         kwargs["password"] = read_secret("database.password_file", config.password_file)
     return kwargs
@@ -245,8 +249,10 @@ class Store:
 
     # -- schema -----------------------------------------------------------------------
 
-    async def migrate(self) -> list[Migration]:
-        """Apply the migrations not yet applied; returns those it applied."""
+    async def migrate(self, *, note: Callable[[str], None] | None = None) -> list[Migration]:
+        """Apply the migrations not yet applied; returns those it applied. Then create the
+        database roles (ingestd/roles.py) and grant their privileges again; ``note`` gets
+        the one line to show when the roles could not be created."""
         applied: list[Migration] = []
         # A connection of its own, without the pool's command timeout: a migration that
         # rewrites a large table (0005: every event) takes as long as it takes.
@@ -282,6 +288,9 @@ class Store:
                     finally:
                         conn.remove_log_listener(listener)
                     applied.append(migration)
+                roles_note = await roles.apply(conn)
+                if roles_note is not None:
+                    (note or (lambda text: log.warning("roles_not_created", detail=text)))(roles_note)
             except asyncpg.UndefinedFileError as exc:
                 raise UsageError(
                     "TimescaleDB is not installed in this PostgreSQL "
