@@ -474,7 +474,10 @@ class Auditor:
                 else:
                     stored[i] = event
             signed: _Events = {i: (e.time, e.code, e.detail) for i, e in enumerate(body.events)}
-            label: Callable[[Any], str] = lambda i: f"events[{i}]"  # noqa: E731
+            # The event as signed, and where it stands in the message.
+            label: Callable[[Any, datetime, str], str] = (  # noqa: E731
+                lambda i, t, c: f"event {c} at {format_time(t)} (events[{i}])"
+            )
         else:
             # Without a position, an event is (time, code) within its message: the identity
             # the unique index keeps (a repeat in one message is stored once).
@@ -482,7 +485,7 @@ class Auditor:
             signed = {}
             for e in body.events:
                 signed.setdefault((e.time, e.code), (e.time, e.code, e.detail))
-            label = lambda k: f"event {k[1]} at {format_time(k[0])}"  # noqa: E731
+            label = lambda _k, t, c: f"event {c} at {format_time(t)}"  # noqa: E731
         for k, (t, code, detail) in signed.items():
             row = stored.get(k)
             if row is None:
@@ -493,15 +496,16 @@ class Auditor:
                 if match is not None:
                     unplaced.remove(match)
                 else:
-                    self._found("event_missing", record, f"signed {label(k)} is not stored")
+                    self._found("event_missing", record, f"signed {label(k, t, code)} is not stored")
                 continue
             differs = _differences(("time", row[0], t), ("code", row[1], code))
             if not _same_detail(row[2], detail, code):
                 differs = ", ".join(filter(None, [differs, f"detail stored {row[2]}, signed {detail}"]))
             if differs:
-                self._found("event_altered", record, f"{label(k)}: {differs}")
+                self._found("event_altered", record, f"{label(k, t, code)}: {differs}")
         for k in stored.keys() - signed.keys():
-            self._found("event_unsigned", record, f"{label(k)} is not in the message")
+            t, code, _detail = stored[k]
+            self._found("event_unsigned", record, f"{label(k, t, code)} is not in the message")
         for t, code, _detail in unplaced:
             self._found(
                 "event_unsigned",

@@ -158,14 +158,19 @@ TAMPERING: dict[str, tuple[str, list[str]]] = {
     ),
     "event deleted": (
         "DELETE FROM events WHERE meter_id = 'A-1' AND seq = 3",
-        ["event_missing: meter A-1 epoch 0 seq 3: signed event 003 at 2026-01-10T01:35:00Z is not stored"],
+        [
+            (
+                "event_missing: meter A-1 epoch 0 seq 3: "
+                "signed event 003 at 2026-01-10T01:35:00Z (events[0]) is not stored"
+            )
+        ],
     ),
     "event detail changed": (
         "UPDATE events SET detail = '{\"lux\": 4}' WHERE meter_id = 'A-4' AND seq = 3",
         [
             (
                 "event_altered: meter A-4 epoch 0 seq 3: "
-                "event 003 at 2026-01-10T01:35:00Z: detail stored {'lux': 4}, signed {'lux': 40}"
+                "event 003 at 2026-01-10T01:35:00Z (events[0]): detail stored {'lux': 4}, signed {'lux': 40}"
             )
         ],
     ),
@@ -279,8 +284,14 @@ async def test_chunks_and_events_by_position(store: Store, db: Conn) -> None:
         )
         summary = await Auditor(store, pool, topic_prefix="meters", report=found.append, chunk=3).run()
     assert sorted(f.line() for f in found) == [
-        "event_altered: meter A-2 epoch 0 seq 3: events[0]: code stored 005, signed 003",
-        "event_missing: meter A-3 epoch 0 seq 2: signed events[0] is not stored",
+        (
+            "event_altered: meter A-2 epoch 0 seq 3: "
+            "event 003 at 2026-01-10T01:35:00Z (events[0]): code stored 005, signed 003"
+        ),
+        (
+            "event_missing: meter A-3 epoch 0 seq 2: "
+            "signed event 001 at 2026-01-10T01:05:00Z (events[0]) is not stored"
+        ),
         (
             "event_unsigned: meter A-1 epoch 0 seq 2: "
             "event 013 at 2026-01-10T02:00:00Z (no position) is not in the message"
