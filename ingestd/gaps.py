@@ -10,6 +10,10 @@ before every request, so that a gap filled by another instance is never asked fo
 One meter cannot crowd out the others: each round serves meters in turns, a meter has at
 most ``gaps.max_outstanding_per_meter`` requests unanswered, and at most
 ``gaps.max_active_per_meter`` gaps chased (beyond it a new gap is recorded lost at once).
+
+A round's requests are marked in the database and committed before they are published:
+a publish that fails (or times out after the broker took it) then delays that gap's next
+request by its back-off, and never makes it asked twice.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 import random
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -475,6 +479,18 @@ FOR UPDATE OF g SKIP LOCKED
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A replay request marked in the database, to publish once that is committed."""
+
+    meter_id: str
+    epoch: int
+    rng: Range
+    attempt: int
+    topic: str
+    payload: bytes
+
+
 class GapRequester:
     """Sends replay requests for due gaps, fairly across meters; one of the daemon's tasks."""
 
@@ -484,7 +500,7 @@ class GapRequester:
         config: GapsConfig,
         *,
         signer: Signer | None,
-        publish: Callable[[str, bytes], Any],
+        publish: Callable[[str, bytes], Awaitable[Any]],
         topic_prefix: str,
         metrics: Metrics,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -525,7 +541,17 @@ class GapRequester:
         self._metrics.gap_oldest_open_age.set(max(0.0, age))
 
     async def run_once(self) -> GapCounts:
-        """One round: every gap taken is expired, found filled, or asked for."""
+        """One round: every gap taken is expired, found filled, or asked for; the requests
+        are published after the round's commit."""
+        outgoing: list[Outgoing] = []
+        counts = await self._round(outgoing)
+        if outgoing:
+            sent = await asyncio.gather(*(self._send(o) for o in outgoing))
+            counts.requests += sum(sent)
+        record_gap_counts(self._metrics, counts)
+        return counts
+
+    async def _round(self, outgoing: list[Outgoing]) -> GapCounts:
         now = self._now()
         cfg = self._config
         counts = GapCounts()
@@ -576,11 +602,20 @@ class GapRequester:
                     low, high = gap["from_seq"], gap["to_seq"]
                 if self._signer is None:
                     continue
-                counts.requests += await self._request(conn, gap, (low, high), now)
-        record_gap_counts(self._metrics, counts)
+                request = await self._mark_requested(conn, gap, (low, high), now)
+                if request is not None:
+                    outgoing.append(request)
         return counts
 
-    async def _request(self, conn: PoolConnection, gap: Any, rng: Range, now: datetime) -> int:  # noqa: ANN401
+    async def _mark_requested(
+        self,
+        conn: PoolConnection,
+        gap: Any,  # noqa: ANN401
+        rng: Range,
+        now: datetime,
+    ) -> Outgoing | None:
+        """Mark the gap requested (in the round's transaction) and sign the request; None
+        when its meter has not been heard from since it was last asked."""
         assert self._signer is not None
         last_seen = await conn.fetchval(
             "SELECT last_seen_at FROM meter_epochs WHERE meter_id = $1 AND epoch = $2",
@@ -595,13 +630,13 @@ class GapRequester:
             # Not heard from since we last asked: offline, most likely. Wait for it
             # (track_seqs wakes the gap when the meter next speaks) instead of hammering.
             await conn.execute("UPDATE gaps SET next_request_at = NULL WHERE id = $1", gap["id"])
-            return 0
+            return None
         req = uuid.uuid4()
-        body = replay_request(gap["meter_id"], req, gap["epoch"], rng, now)
-        # Published before the commit: if the commit then fails, the request is repeated,
-        # which a meter answers twice at worst; the reverse order could lose it.
-        await self._publish(replay_topic(self._prefix, gap["meter_id"]), self._signer.sign_body(body))
         attempts = gap["attempts"] + 1
+        # Marked before it is published, and published only after the commit: a publish
+        # that fails, or times out after the broker took it, must not roll the mark back,
+        # or the next round would ask again at once (the meter would answer twice).
+        # A request lost on the way is asked again after its back-off, like an unanswered one.
         await conn.execute(
             """UPDATE gaps SET status = 'requested', attempts = $2, last_request_at = $3,
                                next_request_at = $4, request_id = $5 WHERE id = $1""",
@@ -611,13 +646,38 @@ class GapRequester:
             now + timedelta(seconds=backoff(attempts, self._config, self._rng)),
             req,
         )
+        body = replay_request(gap["meter_id"], req, gap["epoch"], rng, now)
+        return Outgoing(
+            gap["meter_id"],
+            gap["epoch"],
+            rng,
+            attempts,
+            replay_topic(self._prefix, gap["meter_id"]),
+            self._signer.sign_body(body),
+        )
+
+    async def _send(self, request: Outgoing) -> int:
+        """Publish one committed request: 1 if the broker took it, 0 if not."""
+        try:
+            await self._publish(request.topic, request.payload)
+        except Exception as exc:  # noqa: BLE001 - one failed publish must not stop the others
+            self._metrics.replay_publish_failures.inc()
+            log.warning(
+                "replay_publish_failed",
+                meter=request.meter_id,
+                epoch=request.epoch,
+                from_seq=request.rng[0],
+                to_seq=request.rng[1],
+                error=str(exc) or type(exc).__name__,
+            )
+            return 0
         log.info(
             "replay_requested",
-            meter=gap["meter_id"],
-            epoch=gap["epoch"],
-            from_seq=rng[0],
-            to_seq=rng[1],
-            attempt=attempts,
+            meter=request.meter_id,
+            epoch=request.epoch,
+            from_seq=request.rng[0],
+            to_seq=request.rng[1],
+            attempt=request.attempt,
         )
         return 1
 

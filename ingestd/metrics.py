@@ -126,6 +126,11 @@ class Metrics:
         self.replay_requests = Counter(
             "ingestd_replay_requests", "Replay requests published to meters.", registry=r
         )
+        self.replay_publish_failures = Counter(
+            "ingestd_replay_publish_failures",
+            "Replay requests marked but not published (asked again after their back-off).",
+            registry=r,
+        )
         self.gap_fill_seconds = Histogram(
             "ingestd_gap_fill_seconds",
             "Time from a gap's detection to its fill.",
