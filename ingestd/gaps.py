@@ -11,9 +11,13 @@ One meter cannot crowd out the others: each round serves meters in turns, a mete
 most ``gaps.max_outstanding_per_meter`` requests unanswered, and at most
 ``gaps.max_active_per_meter`` gaps chased (beyond it a new gap is recorded lost at once).
 
-A round's requests are marked in the database and committed before they are published:
-a publish that fails (or times out after the broker took it) then delays that gap's next
-request by its back-off, and never makes it asked twice.
+Nor can a backfill storm crowd out live data (admission control): every answer to a
+request joins the live messages in the broker's queue and the pipeline, so the head-end
+asks for no more than ``gaps.max_outstanding_seqs`` seqs at a time, fleet-wide, and for
+nothing while the pipeline holds more than ``gaps.pause_at_pending_share`` of
+``ingest.max_pending``. A round's requests are marked in the database and committed
+before they are published: a publish that fails (or times out after the broker took it)
+then delays that gap's next request by its back-off, and never makes it asked twice.
 """
 
 from __future__ import annotations
@@ -393,6 +397,20 @@ def replay_request(meter_id: str, req: uuid.UUID, epoch: int, rng: Range, sent: 
     )
 
 
+# The first key of the lock that makes rounds of several instances take turns, so that
+# each counts the others' requests against ``gaps.max_outstanding_seqs`` (the second key
+# is 0). Apart from METER_LOCK_CLASS, whose second key is a hash that may be 0.
+ROUND_LOCK_CLASS: Final = 0x1D6E5B
+
+# Seqs asked for and not yet answered, fleet-wide: requested gaps whose retry is not yet
+# due. A request past its retry time no longer counts (its meter is away, or its answer
+# was lost), so that silent meters cannot hold the whole fleet's replay back; a gap
+# partly answered counts only what is still missing (the fill reshapes it). $1 now.
+OUTSTANDING_SEQS: Final = """
+SELECT COALESCE(sum(to_seq - from_seq + 1), 0)::bigint FROM gaps
+WHERE status = 'requested' AND next_request_at > $1
+"""
+
 # The first key of the per-meter advisory locks of a round (the second is the hash of the
 # meter id), apart from the single-key lock of migrations. Two meters whose ids hash alike
 # only share a turn: one of them may wait a round.
@@ -492,7 +510,12 @@ class Outgoing:
 
 
 class GapRequester:
-    """Sends replay requests for due gaps, fairly across meters; one of the daemon's tasks."""
+    """Sends replay requests for due gaps, fairly across meters and within the admission
+    limits; one of the daemon's tasks.
+
+    ``load`` reports the pipeline's load: the messages in hand as a share of
+    ``ingest.max_pending`` (0 when idle).
+    """
 
     def __init__(
         self,
@@ -505,6 +528,7 @@ class GapRequester:
         metrics: Metrics,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        load: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._store = store
         self._config = config
@@ -514,6 +538,7 @@ class GapRequester:
         self._metrics = metrics
         self._now = now
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._load = load
 
     async def run(self) -> None:
         if self._signer is None:
@@ -555,7 +580,18 @@ class GapRequester:
         now = self._now()
         cfg = self._config
         counts = GapCounts()
+        if self._signer is not None and self._load() > cfg.pause_at_pending_share:
+            # The pipeline is behind (live data or earlier answers): more answers now would
+            # only queue ahead of live messages. The gaps wait; nothing is lost by that.
+            self._metrics.replay_held_back.labels(reason="pending").inc()
+            return counts
         async with self._store.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1::int, 0)", ROUND_LOCK_CLASS)
+            outstanding: int = await conn.fetchval(OUTSTANDING_SEQS, now)
+            self._metrics.replay_outstanding_seqs.set(outstanding)
+            if self._signer is not None and outstanding >= cfg.max_outstanding_seqs:
+                self._metrics.replay_held_back.labels(reason="outstanding").inc()
+                return counts
             meters = [
                 r["meter_id"]
                 for r in await conn.fetch(
@@ -602,9 +638,18 @@ class GapRequester:
                     low, high = gap["from_seq"], gap["to_seq"]
                 if self._signer is None:
                     continue
+                size = high - low + 1
+                if outstanding and outstanding + size > cfg.max_outstanding_seqs:
+                    # Full (a request larger than the cap goes out alone). The gaps left
+                    # keep their turn: the first asked for once answers make room.
+                    self._metrics.replay_held_back.labels(reason="outstanding").inc()
+                    await _behind(conn, sorted({o.meter_id for o in outgoing}), now)
+                    break
                 request = await self._mark_requested(conn, gap, (low, high), now)
                 if request is not None:
                     outgoing.append(request)
+                    outstanding += size
+            self._metrics.replay_outstanding_seqs.set(outstanding)
         return counts
 
     async def _mark_requested(
@@ -680,6 +725,24 @@ class GapRequester:
             attempt=request.attempt,
         )
         return 1
+
+
+async def _behind(conn: PoolConnection, meters: list[str], now: datetime) -> None:
+    """Put meters just served behind those a full round left waiting. A round orders
+    meters by how long they have waited, and a meter whose answers all came in before the
+    next round has no request left to say it was just served: its other gaps would keep
+    their old due time, and it would be served first again, before meters not served at
+    all. Its open gaps now fall due from now instead. Rows a batch holds are skipped (it
+    is filling them), so that the round never waits on a batch that may wait on it."""
+    if meters:
+        await conn.execute(
+            """UPDATE gaps SET next_request_at = $2
+               WHERE id IN (SELECT id FROM gaps
+                            WHERE status = 'open' AND meter_id = ANY($1::text[]) AND next_request_at < $2
+                            FOR UPDATE SKIP LOCKED)""",
+            meters,
+            now,
+        )
 
 
 def record_gap_counts(metrics: Metrics, counts: GapCounts) -> None:
