@@ -497,6 +497,12 @@ FOR UPDATE OF g SKIP LOCKED
 """
 
 
+# A round's requests are published this many at a time: not one by one, where each
+# waits for its PUBACK (up to aiomqtt's 10 s timeout if the broker is slow), and below
+# the 10 publishes in flight past which aiomqtt logs a warning for every further one.
+PUBLISHES_AT_ONCE: Final = 8
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """A replay request marked in the database, to publish once that is committed."""
@@ -571,8 +577,13 @@ class GapRequester:
         outgoing: list[Outgoing] = []
         counts = await self._round(outgoing)
         if outgoing:
-            sent = await asyncio.gather(*(self._send(o) for o in outgoing))
-            counts.requests += sum(sent)
+            slots = asyncio.Semaphore(PUBLISHES_AT_ONCE)
+
+            async def send(request: Outgoing) -> int:
+                async with slots:
+                    return await self._send(request)
+
+            counts.requests += sum(await asyncio.gather(*(send(o) for o in outgoing)))
         record_gap_counts(self._metrics, counts)
         return counts
 
