@@ -31,8 +31,11 @@ import argparse
 import asyncio
 import csv
 import json
+import logging
+import multiprocessing
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -41,9 +44,11 @@ import tempfile
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import asyncpg
 import orjson
 
@@ -54,7 +59,17 @@ from helpers import FastPublisher, max_size_messages  # noqa: E402
 from ingestd import health  # noqa: E402
 from ingestd.config import DatabaseConfig, FlagsConfig  # noqa: E402
 from ingestd.envelope import MAX_READINGS, check_message, format_time  # noqa: E402
-from ingestd.signature import Signer, generate_private_key, public_key_pem  # noqa: E402
+from ingestd.signature import Signer, generate_private_key, private_key_pem, public_key_pem  # noqa: E402
+from ingestd.simulator import (  # noqa: E402
+    Fleet,
+    FleetStats,
+    HeadendKey,
+    KeyFactory,
+    VirtualMeter,
+    build_fleet,
+    check_request,
+    register_fleet,
+)
 from ingestd.store import Accept, Store  # noqa: E402
 from services import MosquittoServer, PostgresServer, free_port  # noqa: E402
 
@@ -79,7 +94,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--large-only", action="store_true", help="run phase 3 alone")
     parser.add_argument(
         "--only",
-        choices=("fleet", "audit"),
+        choices=("fleet", "audit", "storm"),
         help="run only this section (audit stores --messages itself, no broker or daemon)",
     )
     parser.add_argument("--no-fleet", action="store_true", help="skip the fleet section (the longest)")
@@ -99,6 +114,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=Path, metavar="FILE", help="run the daemon under py-spy, collapsed stacks to FILE"
     )
+    add_storm_arguments(parser)
     return parser.parse_args()
 
 
@@ -460,6 +476,8 @@ def drain_large(
 
 def main() -> int:
     args = parse_args()
+    if args.only == "storm":
+        return storm_main(args)
     work = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
     if args.only == "fleet":
         fleet = run_fleet(args, work)
@@ -1000,6 +1018,372 @@ def print_fleet(fleet: dict[str, Any]) -> None:
     )
     if d["disconnects"]:
         print("WARNING: disconnects while draining the fleet backlog")
+
+
+# -- the storm section (`--only storm`): live data during a backfill storm -----------------
+
+STORM_PREFIX = "STORM-"
+LIVE_PREFIX = "LIVE-"
+# What admission control is compared with: no cap, and no pause however full the pipeline.
+NO_ADMISSION = {"INGESTD_GAPS_MAX_OUTSTANDING_SEQS": "100000000", "INGESTD_GAPS_PAUSE_AT_PENDING_SHARE": "1"}
+
+# The bench's own instrument, in the bench's database only: a NOTIFY per stored live
+# message, delivered when its transaction commits, so sent-to-commit is measured for live
+# messages alone (the daemon's histogram mixes in the replayed ones).
+LIVE_COMMIT_TRIGGER = f"""
+CREATE FUNCTION bench_live_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('bench_live', NEW.meter_id || ' ' || NEW.epoch || ' ' || NEW.seq);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_live_commit AFTER INSERT ON message_seqs FOR EACH ROW
+    WHEN (NEW.meter_id LIKE '{LIVE_PREFIX}%') EXECUTE FUNCTION bench_live_commit();
+"""
+
+
+# The storm's gaps (one epoch of the replaying meters): how many were chased, how many are
+# not filled yet.
+STORM_GAPS = """
+SELECT count(*) AS chased, count(*) FILTER (WHERE status IN ('open', 'requested')) AS active
+FROM gaps WHERE meter_id LIKE $1 AND epoch = $2
+"""
+
+
+def add_storm_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("storm section (--only storm)")
+    group.add_argument("--storm-live", type=int, default=500, help="live meters (default 500)")
+    group.add_argument(
+        "--storm-live-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between a live meter's messages (default 2: enough samples for a p99)",
+    )
+    group.add_argument("--storm-meters", type=int, default=2000, help="meters replaying (default 2000)")
+    group.add_argument("--storm-messages", type=int, default=100, help="messages each replays (default 100)")
+    group.add_argument("--storm-quiet-s", type=float, default=30.0, help="quiet phase, seconds (default 30)")
+    group.add_argument(
+        "--storm-caps",
+        type=lambda text: [int(v) for v in text.split(",") if v],
+        default=[500],
+        metavar="N,N",
+        help="also run with these gaps.max_outstanding_seqs (default 500)",
+    )
+    group.add_argument(
+        "--storm-max-s", type=float, default=600.0, help="give up on a storm after this long (default 600)"
+    )
+
+
+def _quiet_mqtt_logger() -> logging.Logger:
+    """aiomqtt warns of every publish past its tenth in flight: here, hundreds are the point."""
+    logger = logging.getLogger("bench.mqtt")
+    logger.setLevel(logging.ERROR)
+    return logger
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _storm_meters_process(
+    pipe: Connection, fleet: list[VirtualMeter], broker: tuple[str, int], headend: HeadendKey
+) -> None:
+    """The replaying meters, in a process of their own (as they are on their own devices):
+    on "storm" each publishes its newest message of a new batch of ``count`` (the rest are
+    in flash: a gap), and every replay request is answered from flash, each meter on its own."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with aiomqtt.Client(
+            broker[0],
+            broker[1],
+            identifier="bench-storm-meters",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            max_inflight_messages=1000,
+            logger=_quiet_mqtt_logger(),
+        ) as client:
+            meters = Fleet(client, fleet, topic_prefix=PREFIX, headend=headend)
+            answering: set[asyncio.Task[None]] = set()
+
+            async def answer(meter: VirtualMeter, request: dict[str, Any]) -> None:
+                for body in meter.answer_replay(request, datetime.now(UTC)):
+                    await meters.send(meter, body)
+
+            async def serve() -> None:
+                await client.subscribe(f"{PREFIX}/+/down/replay", qos=1)
+                async for message in client.messages:
+                    meter = meters.meters.get(str(message.topic).split("/")[1])
+                    if meter is None or not isinstance(message.payload, bytes):
+                        continue
+                    request = check_request(meters.headend, meter, message.payload, datetime.now(UTC))
+                    if not isinstance(request, dict):
+                        meters.stats.stale_requests += 1
+                        continue
+                    meters.stats.requests += 1
+                    task = asyncio.create_task(answer(meter, request))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
+
+            serving = asyncio.create_task(serve())
+            while True:
+                command, arg = await loop.run_in_executor(None, pipe.recv)
+                if command == "storm":
+                    rng = random.Random(1)
+                    newest = []
+                    for meter in fleet:
+                        if meter.seq:
+                            meter.reset_epoch()
+                        now = datetime.now(UTC)
+                        for _ in range(arg):
+                            body = meter.next_body(now, rng)
+                        newest.append((meter, body))
+                    for meter, body in newest:
+                        await meters.send(meter, body)
+                    pipe.send(len(newest))
+                elif command == "stats":
+                    s = meters.stats
+                    pipe.send({"requests": s.requests, "replayed": s.replayed, "refused": s.stale_requests})
+                    meters.stats = FleetStats()  # each storm counted on its own
+                else:
+                    serving.cancel()
+                    pipe.send(None)
+                    return
+
+    asyncio.run(main())
+
+
+async def _storm_run(
+    *,
+    args: argparse.Namespace,
+    dsn: str,
+    env: dict[str, str],
+    log_path: Path,
+    metrics_port: int,
+    live: Fleet,
+    pipe: Connection,
+    label: str,
+    epoch: int,
+) -> dict[str, Any]:
+    """One quiet phase and one storm with the daemon started on ``env``: live sent-to-commit
+    in each, and how the storm went."""
+    samples: list[tuple[datetime, float]] = []
+
+    def committed(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+        at = datetime.now(UTC)
+        meter_id, meter_epoch, seq = str(payload).split()
+        created = live.meters[meter_id].flash.get((int(meter_epoch), int(seq)))
+        if created is not None:
+            samples.append((created[0], (at - created[0]).total_seconds()))
+
+    listener = await asyncpg.connect(dsn)
+    await listener.add_listener("bench_live", committed)
+    daemon = start_daemon(env, log_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Once the daemon's session exists: a live message sent before would be lost, a gap.
+    await loop.run_in_executor(None, wait_metric, metrics_port, "ingestd_mqtt_connected", 1, 60)
+    ticking = asyncio.create_task(
+        live.run(count=0, interval_s=args.storm_live_interval, event_rate=0.0, stop=stop)
+    )
+    try:
+        # Settle: what was queued while the daemon was down, and its first rounds.
+        await asyncio.sleep(5)
+        quiet_from = datetime.now(UTC)
+        await asyncio.sleep(args.storm_quiet_s)
+        storm_from = datetime.now(UTC)
+        before = await loop.run_in_executor(None, scrape, metrics_port)
+        conn = await asyncpg.connect(dsn)
+        try:
+            pipe.send(("storm", args.storm_messages + 1))
+            await loop.run_in_executor(None, pipe.recv)
+            started = time.monotonic()
+            while True:
+                await asyncio.sleep(1)
+                row = await conn.fetchrow(STORM_GAPS, STORM_PREFIX + "%", epoch)
+                assert row is not None
+                chased, active = row["chased"], row["active"]
+                if (chased >= args.storm_meters and active == 0) or (
+                    time.monotonic() - started > args.storm_max_s
+                ):
+                    break
+            storm_s = time.monotonic() - started
+            storm_to = datetime.now(UTC)
+        finally:
+            await conn.close()
+        # The live messages sent until the end of the storm have time to be committed.
+        await asyncio.sleep(5)
+        after = await loop.run_in_executor(None, scrape, metrics_port)
+    finally:
+        stop.set()
+        await ticking
+        daemon.terminate()
+        await loop.run_in_executor(None, daemon.wait, 60)
+        await listener.close()
+    pipe.send(("stats", None))
+    meters_side = await loop.run_in_executor(None, pipe.recv)
+    quiet = [lat for sent, lat in samples if quiet_from <= sent < storm_from]
+    storm = [lat for sent, lat in samples if storm_from <= sent < storm_to]
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    result = {
+        "admission_control": label,
+        "quiet_live_messages": len(quiet),
+        "quiet_p50_ms": round(_percentile(quiet, 0.5) * 1000, 1),
+        "quiet_p99_ms": round(_percentile(quiet, 0.99) * 1000, 1),
+        "storm_live_messages": len(storm),
+        "storm_p50_ms": round(_percentile(storm, 0.5) * 1000, 1),
+        "storm_p99_ms": round(_percentile(storm, 0.99) * 1000, 1),
+        "storm_seconds": round(storm_s, 1),
+        "storm_gaps_left": active,
+        "replay_requests": int(delta("ingestd_replay_requests_total")),
+        "requests_answered": meters_side["requests"],
+        "requests_refused_by_meters": meters_side["refused"],
+        "replayed_messages": meters_side["replayed"],
+        "duplicates_received": int(delta("ingestd_messages_duplicate_total")),
+        "held_back_rounds": {
+            reason: int(delta(f'ingestd_replay_held_back_total{{reason="{reason}"}}'))
+            for reason in ("pending", "outstanding")
+        },
+        "mqtt_disconnects": int(delta("ingestd_mqtt_disconnects_total")),
+    }
+    result["storm_p99_over_quiet"] = round(result["storm_p99_ms"] / max(result["quiet_p99_ms"], 1e-9), 2)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def storm_main(args: argparse.Namespace) -> int:
+    """Live sent-to-commit with and without admission control during a backfill storm."""
+    work = Path(tempfile.mkdtemp(prefix="ingestd-bench-storm-"))
+    load = os.getloadavg()[0]
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "load_at_start": round(load, 2)},
+        "params": {
+            "live_meters": args.storm_live,
+            "live_interval_s": args.storm_live_interval,
+            "storm_meters": args.storm_meters,
+            "storm_messages_each": args.storm_messages,
+            "quiet_s": args.storm_quiet_s,
+            "caps": args.storm_caps,
+        },
+    }
+    print(f"making {args.storm_live} live and {args.storm_meters} replaying ES256 meters ...", flush=True)
+    keys = KeyFactory()
+    live_fleet = build_fleet(args.storm_live, prefix=LIVE_PREFIX, algs=("ES256",), keys=keys)
+    storm_fleet = build_fleet(args.storm_meters, prefix=STORM_PREFIX, algs=("ES256",), keys=keys)
+    headend = Signer("ES256", "bench-headend", generate_private_key("ES256"))
+    key_file = work / "headend.pem"
+    key_file.write_bytes(private_key_pem(headend.key))
+    durable = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
+    with PostgresServer(work / "pg", settings=durable) as pg, MosquittoServer(work / "mqtt") as broker:
+        dsn = pg.create_database("bench")
+        metrics_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")} | {
+            "INGESTD_DATABASE_URL": dsn,
+            "INGESTD_MQTT_URL": broker.url,
+            "INGESTD_MQTT_CLIENT_ID": "ingestd-bench",
+            "INGESTD_METRICS_ADDR": f"127.0.0.1:{metrics_port}",
+            "INGESTD_LOG_FORMAT": "json",
+            "INGESTD_LOG_LEVEL": "warning",
+            "INGESTD_HEADEND_KEY_FILE": str(key_file),
+            "INGESTD_HEADEND_KID": headend.kid,
+            # Gaps acted on at once: the storm starts when the meters reappear.
+            "INGESTD_GAPS_GRACE_S": "2",
+            **{k.removeprefix("BENCH_"): v for k, v in os.environ.items() if k.startswith("BENCH_INGESTD_")},
+        }
+        # Forked before this process runs an event loop, with the fleet in hand.
+        pipe, child_pipe = multiprocessing.get_context("fork").Pipe()
+        meters_process = multiprocessing.get_context("fork").Process(
+            target=_storm_meters_process,
+            args=(
+                child_pipe,
+                storm_fleet,
+                (broker.host, broker.port),
+                HeadendKey(headend.kid, "ES256", headend.key.public_key()),
+            ),
+            daemon=True,
+        )
+        meters_process.start()
+
+        async def run_all() -> None:
+            async with Store(DatabaseConfig(url=dsn)) as store:
+                await store.migrate()
+                print("registering the meters ...", flush=True)
+                await register_fleet(store, [*live_fleet, *storm_fleet])
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute(LIVE_COMMIT_TRIGGER)
+            finally:
+                await conn.close()
+            async with aiomqtt.Client(
+                broker.host,
+                broker.port,
+                identifier="bench-live-meters",
+                protocol=aiomqtt.ProtocolVersion.V5,
+                max_inflight_messages=1000,
+                logger=_quiet_mqtt_logger(),
+            ) as client:
+                live = Fleet(client, live_fleet, topic_prefix=PREFIX, headend=None)
+                runs = []
+                variants: list[tuple[str, dict[str, str]]] = [
+                    ("on (defaults)", {}),
+                    *(
+                        (f"on, cap {cap}", {"INGESTD_GAPS_MAX_OUTSTANDING_SEQS": str(cap)})
+                        for cap in args.storm_caps
+                    ),
+                    ("off", NO_ADMISSION),
+                ]
+                for epoch, (label, extra) in enumerate(variants):
+                    print(f"storm with admission control {label} ...", flush=True)
+                    runs.append(
+                        await _storm_run(
+                            args=args,
+                            dsn=dsn,
+                            env=env | extra,
+                            log_path=work / "ingestd.log",
+                            metrics_port=metrics_port,
+                            live=live,
+                            pipe=pipe,
+                            label=label,
+                            epoch=epoch,
+                        )
+                    )
+                results["storm"] = runs
+
+        try:
+            asyncio.run(run_all())
+        finally:
+            pipe.send(("stop", None))
+            meters_process.join(30)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2)
+    stamp = results["date"].replace(":", "").replace("-", "")[:15]
+    (args.out / f"storm-{stamp}.json").write_text(text + "\n")
+    print_storm_table(results)
+    return 0
+
+
+def print_storm_table(results: dict[str, Any]) -> None:
+    p = results["params"]
+    print(
+        f"{p['live_meters']} live meters (a message every {p['live_interval_s']} s each) while "
+        f"{p['storm_meters']} meters replay {p['storm_messages_each']} messages each; "
+        f"load average at start {results['machine']['load_at_start']}"
+    )
+    print(
+        "admission control   quiet p50/p99 ms   storm p50/p99 ms   p99 ratio  storm s  requests  disconnects"
+    )
+    for r in results["storm"]:
+        print(
+            f"{r['admission_control']:<18}  {r['quiet_p50_ms']:>7} / {r['quiet_p99_ms']:<7}"
+            f"  {r['storm_p50_ms']:>7} / {r['storm_p99_ms']:<7}  {r['storm_p99_over_quiet']:>9}"
+            f"  {r['storm_seconds']:>7}  {r['replay_requests']:>8}  {r['mqtt_disconnects']:>11}"
+        )
 
 
 if __name__ == "__main__":

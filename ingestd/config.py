@@ -188,6 +188,13 @@ class GapsConfig:
     # Gaps chased (open or requested) per meter, over all its epochs: a new gap beyond it
     # is recorded lost at once, so that a stolen key cannot grow the gaps table without end.
     max_active_per_meter: int = 1000
+    # Admission control, so that a backfill storm cannot bury live data: the answers join
+    # live messages in the broker's queue and the pipeline. At most this many seqs asked
+    # for and not yet answered (retry not yet due), fleet-wide; a round may pass it by one
+    # request (at most max_range seqs), so that any request can go out.
+    max_outstanding_seqs: int = 2000
+    # No new requests while the pipeline holds more than this share of ingest.max_pending.
+    pause_at_pending_share: float = 0.05
 
     def validate(self) -> None:
         _require_range("gaps.grace_s", self.grace_s, 0, 86400)
@@ -200,6 +207,8 @@ class GapsConfig:
         _require_range("gaps.closed_retention_days", self.closed_retention_days, 0, 36500)
         _require_range("gaps.max_outstanding_per_meter", self.max_outstanding_per_meter, 1, 10000)
         _require_range("gaps.max_active_per_meter", self.max_active_per_meter, 1, 1_000_000)
+        _require_range("gaps.max_outstanding_seqs", self.max_outstanding_seqs, 1, 100_000_000)
+        _require_range("gaps.pause_at_pending_share", self.pause_at_pending_share, 0.001, 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,6 +105,8 @@ class Daemon:
                 topic_prefix=cfg.mqtt.topic_prefix,
                 metrics=self.metrics,
                 now=self._now,
+                # Admission control's headroom: answers asked for now would queue behind this.
+                load=lambda: pipeline.in_hand / cfg.ingest.max_pending,
             )
             metrics_server = MetricsServer(self.metrics, cfg.metrics.addr)
             health = HealthMonitor(cfg.flags, store=store, metrics=self.metrics, now=self._now)

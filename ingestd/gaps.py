@@ -10,6 +10,14 @@ before every request, so that a gap filled by another instance is never asked fo
 One meter cannot crowd out the others: each round serves meters in turns, a meter has at
 most ``gaps.max_outstanding_per_meter`` requests unanswered, and at most
 ``gaps.max_active_per_meter`` gaps chased (beyond it a new gap is recorded lost at once).
+
+Nor can a backfill storm crowd out live data (admission control): every answer to a
+request joins the live messages in the broker's queue and the pipeline, so the head-end
+asks for no more than ``gaps.max_outstanding_seqs`` seqs at a time, fleet-wide, and for
+nothing while the pipeline holds more than ``gaps.pause_at_pending_share`` of
+``ingest.max_pending``. A round's requests are marked in the database and committed
+before they are published: a publish that fails (or times out after the broker took it)
+then delays that gap's next request by its back-off, and never makes it asked twice.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import asyncio
 import random
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -389,6 +397,20 @@ def replay_request(meter_id: str, req: uuid.UUID, epoch: int, rng: Range, sent: 
     )
 
 
+# The first key of the lock that makes rounds of several instances take turns, so that
+# each counts the others' requests against ``gaps.max_outstanding_seqs`` (the second key
+# is 0). Apart from METER_LOCK_CLASS, whose second key is a hash that may be 0.
+ROUND_LOCK_CLASS: Final = 0x1D6E5B
+
+# Seqs asked for and not yet answered, fleet-wide: requested gaps whose retry is not yet
+# due. A request past its retry time no longer counts (its meter is away, or its answer
+# was lost), so that silent meters cannot hold the whole fleet's replay back; a gap
+# partly answered counts only what is still missing (the fill reshapes it). $1 now.
+OUTSTANDING_SEQS: Final = """
+SELECT COALESCE(sum(to_seq - from_seq + 1), 0)::bigint FROM gaps
+WHERE status = 'requested' AND next_request_at > $1
+"""
+
 # The first key of the per-meter advisory locks of a round (the second is the hash of the
 # meter id), apart from the single-key lock of migrations. Two meters whose ids hash alike
 # only share a turn: one of them may wait a round.
@@ -475,8 +497,31 @@ FOR UPDATE OF g SKIP LOCKED
 """
 
 
+# A round's requests are published this many at a time: not one by one, where each
+# waits for its PUBACK (up to aiomqtt's 10 s timeout if the broker is slow), and below
+# the 10 publishes in flight past which aiomqtt logs a warning for every further one.
+PUBLISHES_AT_ONCE: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A replay request marked in the database, to publish once that is committed."""
+
+    meter_id: str
+    epoch: int
+    rng: Range
+    attempt: int
+    topic: str
+    payload: bytes
+
+
 class GapRequester:
-    """Sends replay requests for due gaps, fairly across meters; one of the daemon's tasks."""
+    """Sends replay requests for due gaps, fairly across meters and within the admission
+    limits; one of the daemon's tasks.
+
+    ``load`` reports the pipeline's load: the messages in hand as a share of
+    ``ingest.max_pending`` (0 when idle).
+    """
 
     def __init__(
         self,
@@ -484,11 +529,12 @@ class GapRequester:
         config: GapsConfig,
         *,
         signer: Signer | None,
-        publish: Callable[[str, bytes], Any],
+        publish: Callable[[str, bytes], Awaitable[Any]],
         topic_prefix: str,
         metrics: Metrics,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        load: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._store = store
         self._config = config
@@ -498,6 +544,7 @@ class GapRequester:
         self._metrics = metrics
         self._now = now
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._load = load
 
     async def run(self) -> None:
         if self._signer is None:
@@ -525,11 +572,37 @@ class GapRequester:
         self._metrics.gap_oldest_open_age.set(max(0.0, age))
 
     async def run_once(self) -> GapCounts:
-        """One round: every gap taken is expired, found filled, or asked for."""
+        """One round: every gap taken is expired, found filled, or asked for; the requests
+        are published after the round's commit."""
+        outgoing: list[Outgoing] = []
+        counts = await self._round(outgoing)
+        if outgoing:
+            slots = asyncio.Semaphore(PUBLISHES_AT_ONCE)
+
+            async def send(request: Outgoing) -> int:
+                async with slots:
+                    return await self._send(request)
+
+            counts.requests += sum(await asyncio.gather(*(send(o) for o in outgoing)))
+        record_gap_counts(self._metrics, counts)
+        return counts
+
+    async def _round(self, outgoing: list[Outgoing]) -> GapCounts:
         now = self._now()
         cfg = self._config
         counts = GapCounts()
+        if self._signer is not None and self._load() > cfg.pause_at_pending_share:
+            # The pipeline is behind (live data or earlier answers): more answers now would
+            # only queue ahead of live messages. The gaps wait; nothing is lost by that.
+            self._metrics.replay_held_back.labels(reason="pending").inc()
+            return counts
         async with self._store.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1::int, 0)", ROUND_LOCK_CLASS)
+            outstanding: int = await conn.fetchval(OUTSTANDING_SEQS, now)
+            self._metrics.replay_outstanding_seqs.set(outstanding)
+            if self._signer is not None and outstanding >= cfg.max_outstanding_seqs:
+                self._metrics.replay_held_back.labels(reason="outstanding").inc()
+                return counts
             meters = [
                 r["meter_id"]
                 for r in await conn.fetch(
@@ -576,11 +649,29 @@ class GapRequester:
                     low, high = gap["from_seq"], gap["to_seq"]
                 if self._signer is None:
                     continue
-                counts.requests += await self._request(conn, gap, (low, high), now)
-        record_gap_counts(self._metrics, counts)
+                size = high - low + 1
+                if outstanding and outstanding + size > cfg.max_outstanding_seqs:
+                    # Full (a request larger than the cap goes out alone). The gaps left
+                    # keep their turn: the first asked for once answers make room.
+                    self._metrics.replay_held_back.labels(reason="outstanding").inc()
+                    await _behind(conn, sorted({o.meter_id for o in outgoing}), now)
+                    break
+                request = await self._mark_requested(conn, gap, (low, high), now)
+                if request is not None:
+                    outgoing.append(request)
+                    outstanding += size
+            self._metrics.replay_outstanding_seqs.set(outstanding)
         return counts
 
-    async def _request(self, conn: PoolConnection, gap: Any, rng: Range, now: datetime) -> int:  # noqa: ANN401
+    async def _mark_requested(
+        self,
+        conn: PoolConnection,
+        gap: Any,  # noqa: ANN401
+        rng: Range,
+        now: datetime,
+    ) -> Outgoing | None:
+        """Mark the gap requested (in the round's transaction) and sign the request; None
+        when its meter has not been heard from since it was last asked."""
         assert self._signer is not None
         last_seen = await conn.fetchval(
             "SELECT last_seen_at FROM meter_epochs WHERE meter_id = $1 AND epoch = $2",
@@ -595,13 +686,13 @@ class GapRequester:
             # Not heard from since we last asked: offline, most likely. Wait for it
             # (track_seqs wakes the gap when the meter next speaks) instead of hammering.
             await conn.execute("UPDATE gaps SET next_request_at = NULL WHERE id = $1", gap["id"])
-            return 0
+            return None
         req = uuid.uuid4()
-        body = replay_request(gap["meter_id"], req, gap["epoch"], rng, now)
-        # Published before the commit: if the commit then fails, the request is repeated,
-        # which a meter answers twice at worst; the reverse order could lose it.
-        await self._publish(replay_topic(self._prefix, gap["meter_id"]), self._signer.sign_body(body))
         attempts = gap["attempts"] + 1
+        # Marked before it is published, and published only after the commit: a publish
+        # that fails, or times out after the broker took it, must not roll the mark back,
+        # or the next round would ask again at once (the meter would answer twice).
+        # A request lost on the way is asked again after its back-off, like an unanswered one.
         await conn.execute(
             """UPDATE gaps SET status = 'requested', attempts = $2, last_request_at = $3,
                                next_request_at = $4, request_id = $5 WHERE id = $1""",
@@ -611,15 +702,58 @@ class GapRequester:
             now + timedelta(seconds=backoff(attempts, self._config, self._rng)),
             req,
         )
+        body = replay_request(gap["meter_id"], req, gap["epoch"], rng, now)
+        return Outgoing(
+            gap["meter_id"],
+            gap["epoch"],
+            rng,
+            attempts,
+            replay_topic(self._prefix, gap["meter_id"]),
+            self._signer.sign_body(body),
+        )
+
+    async def _send(self, request: Outgoing) -> int:
+        """Publish one committed request: 1 if the broker took it, 0 if not."""
+        try:
+            await self._publish(request.topic, request.payload)
+        except Exception as exc:  # noqa: BLE001 - one failed publish must not stop the others
+            self._metrics.replay_publish_failures.inc()
+            log.warning(
+                "replay_publish_failed",
+                meter=request.meter_id,
+                epoch=request.epoch,
+                from_seq=request.rng[0],
+                to_seq=request.rng[1],
+                error=str(exc) or type(exc).__name__,
+            )
+            return 0
         log.info(
             "replay_requested",
-            meter=gap["meter_id"],
-            epoch=gap["epoch"],
-            from_seq=rng[0],
-            to_seq=rng[1],
-            attempt=attempts,
+            meter=request.meter_id,
+            epoch=request.epoch,
+            from_seq=request.rng[0],
+            to_seq=request.rng[1],
+            attempt=request.attempt,
         )
         return 1
+
+
+async def _behind(conn: PoolConnection, meters: list[str], now: datetime) -> None:
+    """Put meters just served behind those a full round left waiting. A round orders
+    meters by how long they have waited, and a meter whose answers all came in before the
+    next round has no request left to say it was just served: its other gaps would keep
+    their old due time, and it would be served first again, before meters not served at
+    all. Its open gaps now fall due from now instead. Rows a batch holds are skipped (it
+    is filling them), so that the round never waits on a batch that may wait on it."""
+    if meters:
+        await conn.execute(
+            """UPDATE gaps SET next_request_at = $2
+               WHERE id IN (SELECT id FROM gaps
+                            WHERE status = 'open' AND meter_id = ANY($1::text[]) AND next_request_at < $2
+                            FOR UPDATE SKIP LOCKED)""",
+            meters,
+            now,
+        )
 
 
 def record_gap_counts(metrics: Metrics, counts: GapCounts) -> None:

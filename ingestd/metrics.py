@@ -133,6 +133,23 @@ class Metrics:
         self.replay_requests = Counter(
             "ingestd_replay_requests", "Replay requests published to meters.", registry=r
         )
+        self.replay_outstanding_seqs = Gauge(
+            "ingestd_replay_outstanding_seqs",
+            "Seqs asked for and not yet answered, fleet-wide, as of this instance's last round.",
+            registry=r,
+        )
+        self.replay_held_back = Counter(
+            "ingestd_replay_held_back",
+            "Replay rounds that held requests back: pipeline too busy (pending) or"
+            " gaps.max_outstanding_seqs reached (outstanding).",
+            ["reason"],
+            registry=r,
+        )
+        self.replay_publish_failures = Counter(
+            "ingestd_replay_publish_failures",
+            "Replay requests marked but not published (asked again after their back-off).",
+            registry=r,
+        )
         self.gap_fill_seconds = Histogram(
             "ingestd_gap_fill_seconds",
             "Time from a gap's detection to its fill.",
@@ -166,6 +183,8 @@ class Metrics:
             "The host's clock minus the database's, which the daemon goes by (ingestd.clock).",
             registry=r,
         )
+        for reason in ("pending", "outstanding"):
+            self.replay_held_back.labels(reason=reason)
         for reason in REJECT_REASONS:
             # Present from the start at 0, so that rate() and alerts work before the first one.
             self.rejected.labels(reason=reason)

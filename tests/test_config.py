@@ -309,6 +309,10 @@ def test_wrong_type_in_the_env(name: str, value: str, key: str) -> None:
         ("[database]\npool_size = 1\n", "database.pool_size"),
         ("[gaps]\nmax_outstanding_per_meter = 0\n", "gaps.max_outstanding_per_meter"),
         ("[gaps]\nmax_active_per_meter = 0\n", "gaps.max_active_per_meter"),
+        ("[gaps]\nmax_outstanding_seqs = 0\n", "gaps.max_outstanding_seqs"),
+        ("[gaps]\npause_at_pending_share = 0.0\n", "gaps.pause_at_pending_share"),
+        ("[gaps]\npause_at_pending_share = 1.5\n", "gaps.pause_at_pending_share"),
+        ("[gaps]\npause_at_pending_share = nan\n", "gaps.pause_at_pending_share"),
         # More seqs than a meter must answer in one replay request (docs/protocol.md 9).
         ("[gaps]\nmax_range = 1001\n", "gaps.max_range"),
         ("[mqtt]\nkeepalive_s = 1\n", "mqtt.keepalive_s"),

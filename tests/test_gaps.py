@@ -28,7 +28,15 @@ from ingestd.signature import Signer, b64url_decode, generate_private_key, verif
 from ingestd.store import Accept, Store
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-CFG = GapsConfig(grace_s=60, max_range=1000, retry_initial_s=60, retry_max_s=3600, retention_days=90)
+# Admission control's global cap out of the way: tests/test_replay_admission.py tests it.
+CFG = GapsConfig(
+    grace_s=60,
+    max_range=1000,
+    retry_initial_s=60,
+    retry_max_s=3600,
+    retention_days=90,
+    max_outstanding_seqs=10_000_000,
+)
 
 if TYPE_CHECKING:
     Conn = asyncpg.Connection[asyncpg.Record]
