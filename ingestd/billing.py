@@ -597,10 +597,16 @@ async def close_period(conn: Conn, period: Period, statements: Sequence[Statemen
             raise UsageError(
                 f"--period {period.name}: already closed (closed statements are never rewritten)"
             )
-        await conn.copy_records_to_table(
-            "billing_statements",
-            columns=_STATEMENT_COLUMNS,
-            records=[_statement_record(s) for s in statements],
+        # Not COPY: the pool's jsonb codec is text only (ingestd.store), and COPY is binary.
+        # The JSON goes in as text, cast by the server, so that any connection will do.
+        columns = ", ".join(_STATEMENT_COLUMNS)
+        values = ", ".join(
+            f"${i}::text::jsonb" if c in _JSON_COLUMNS else f"${i}"
+            for i, c in enumerate(_STATEMENT_COLUMNS, 1)
+        )
+        await conn.executemany(
+            f"INSERT INTO billing_statements ({columns}) VALUES ({values})",  # noqa: S608 - our own names
+            [_statement_record(s) for s in statements],
         )
     return len(statements)
 
@@ -634,6 +640,9 @@ _STATEMENT_COLUMNS: Final = (
     "statement",
     "digest",
 )
+
+
+_JSON_COLUMNS: Final = frozenset({"flags", "open_source", "close_source", "statement"})
 
 
 def _statement_record(s: Statement) -> tuple[Any, ...]:
