@@ -106,7 +106,14 @@ class Daemon:
                 now=self._now,
             )
             metrics_server = MetricsServer(self.metrics, cfg.metrics.addr)
-            health = HealthMonitor(cfg.flags, store=store, metrics=self.metrics, now=self._now)
+            health = HealthMonitor(
+                cfg.flags,
+                store=store,
+                metrics=self.metrics,
+                now=self._now,
+                billing=cfg.billing,
+                retention_days=cfg.gaps.retention_days,
+            )
             retention = QuarantineRetention(cfg.ingest, store=store, metrics=self.metrics, now=self._now)
             async with metrics_server, pipeline, health:
                 self.metrics_port = metrics_server.port

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import pytest
 
+from helpers import metric
 from ingestd.billing import (
     Statement,
     close_period,
@@ -21,7 +22,10 @@ from ingestd.billing import (
     parse_period,
     record_adjustments,
 )
-from ingestd.config import BillingConfig
+from ingestd.config import BillingConfig, DatabaseConfig, FlagsConfig
+from ingestd.health import HealthMonitor
+from ingestd.metrics import Metrics
+from ingestd.store import Store
 
 if TYPE_CHECKING:
     Conn = asyncpg.Connection[asyncpg.Record]
@@ -398,3 +402,46 @@ async def test_meters_by_site_and_current_period(db: Conn) -> None:
     a1 = (await statements(db, as_of=mid, period=nov))["A1"]
     assert (a1.open.kind, a1.close.kind, a1.status) == ("read", "missing", "pending")
     assert a1.actual == 15 * 96
+
+
+async def test_health_refresh_exports_billing_gauges_and_records_adjustments(db: Conn, db_url: str) -> None:
+    await meter(db, "A")
+    await meter(db, "B")
+    await store_readings(db, "A", series(OCT.start, OCT.end + 4 * Q))
+    await store_readings(db, "B", series(OCT.start, OCT.end - Q))  # pending: no close yet
+    clock = [datetime(2026, 11, 2, tzinfo=UTC)]
+    metrics = Metrics()
+    async with Store(DatabaseConfig(url=db_url)) as store:
+        monitor = HealthMonitor(
+            FlagsConfig(), store=store, metrics=metrics, now=lambda: clock[0], billing=CFG, retention_days=90
+        )
+        counts = await monitor.refresh_billing()
+        assert counts["2026-10"] == {"pending": 1, "review": 0, "estimated": 0, "ready": 1}
+        assert counts["2026-11"]["pending"] == 2  # the current period: not over
+        reg = metrics.registry
+        assert metric(reg, "ingestd_billing_meters", period="2026-10", status="pending") == 1
+        assert metric(reg, "ingestd_billing_meters", period="2026-10", status="ready") == 1
+        assert (
+            metric(reg, "ingestd_billing_period_end_timestamp_seconds", period="2026-10")
+            == OCT.end.timestamp()
+        )
+        assert (
+            metric(reg, "ingestd_billing_cutoff_timestamp_seconds", period="2026-10")
+            == (OCT.end + timedelta(days=3)).timestamp()
+        )
+        assert metric(reg, "ingestd_billing_adjustments_pending") == 0
+        # October is closed; then B's close reading arrives: the next refresh records it.
+        async with store.connection() as conn:
+            await close_period(
+                conn, OCT, await compute_statements(conn, OCT, as_of=clock[0], retention=RETENTION)
+            )
+        await store_readings(db, "B", [(OCT.end, 1_000_000 + 2976 * 100)], replay=True)
+        clock[0] = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC)
+        counts = await monitor.refresh_billing()
+        assert set(counts) == {"2026-11", "2026-12"}
+        assert metric(reg, "ingestd_billing_adjustments_pending") == 3
+        # October is neither current nor previous any more: its series are gone.
+        assert (
+            reg.get_sample_value("ingestd_billing_meters", {"period": "2026-10", "status": "ready"}) is None
+        )
+        assert reg.get_sample_value("ingestd_billing_cutoff_timestamp_seconds", {"period": "2026-10"}) is None
