@@ -278,15 +278,16 @@ def _diff(a: int | None, b: int | None) -> int | None:
 # m: the meters, with the instant their period starts (a meter registered mid-period
 #    starts at its first interval end after registration).
 # b: per meter, the readings at and around both boundaries (index look-ups).
-# w: the period's readings with the one before each (a window over the index order).
-# agg: per meter, counts, flag inputs, and the holes: runs of missing interval ends
-#    between two consecutive readings, with the (epoch, seq) on either side.
+# agg: per meter, one pass over its readings of the period, each with the one before it:
+#    counts, flag inputs, and the holes (runs of missing interval ends between two
+#    consecutive readings, with the (epoch, seq) on either side).
 # holes/points: every missing interval end, classified: inside a power outage, or
 #    recoverable (an open or requested gap lies between the readings around it and it is
 #    within the flash retention; or nothing was heard after it yet), or lost.
 _STATEMENTS: Final = """
 WITH m AS (
     SELECT mt.meter_id, mt.site, mt.interval_s, mt.max_power_w, mt.registered_at,
+           make_interval(secs => mt.interval_s) AS step,
            GREATEST($1::timestamptz, to_timestamp(
                ceil(extract(epoch FROM mt.registered_at) / mt.interval_s) * mt.interval_s)) AS start_at
     FROM meters mt
@@ -312,57 +313,65 @@ b AS (
     LEFT JOIN LATERAL (SELECT * FROM readings r WHERE r.meter_id = m.meter_id AND r.time > $2
                        ORDER BY r.time LIMIT 1) x ON true
 ),
+-- The replayed messages of the period, per meter (a few: read through a partial index).
 replayed AS (
-    SELECT rm.meter_id, rm.epoch, rm.seq FROM raw_messages rm
+    SELECT rm.meter_id, array_agg(rm.epoch) AS epochs, array_agg(rm.seq) AS seqs
+    FROM raw_messages rm
     WHERE rm.replay AND rm.received_at >= $1::timestamptz - interval '1 day'
+    GROUP BY rm.meter_id
 ),
-w AS (
-    SELECT r.meter_id, r.time, r.import_wh, r.export_wh, r.epoch, r.seq, b.interval_s, b.max_power_w,
-           rp.meter_id IS NOT NULL AS from_flash,
-           COALESCE(lag(r.time) OVER win, b.anchor_time) AS p_time,
-           COALESCE(lag(r.import_wh) OVER win, b.anchor_import) AS p_import,
-           CASE WHEN lag(r.time) OVER win IS NULL THEN b.anchor_export
-                ELSE lag(r.export_wh) OVER win END AS p_export,
-           COALESCE(lag(r.epoch) OVER win, b.anchor_epoch) AS p_epoch,
-           COALESCE(lag(r.seq) OVER win, b.anchor_seq) AS p_seq,
-           b.start_at
-    FROM readings r
-    JOIN b ON b.meter_id = r.meter_id AND r.time > b.start_at
-    LEFT JOIN replayed rp ON (rp.meter_id, rp.epoch, rp.seq) = (r.meter_id, r.epoch, r.seq)
-    WHERE r.time > $1::timestamptz AND r.time <= $2::timestamptz
-    WINDOW win AS (PARTITION BY r.meter_id ORDER BY r.time)
-),
+-- Per meter, one ordered pass over its readings of the period (the (meter_id, time)
+-- index gives them in order: no sort of the whole period's readings).
 agg AS (
-    SELECT w.meter_id,
-           count(*) FILTER (WHERE on_grid AND NOT from_flash) AS actual,
-           count(*) FILTER (WHERE on_grid AND from_flash) AS replayed,
-           count(*) FILTER (WHERE NOT on_grid) AS off_grid,
-           min(w.time) FILTER (WHERE NOT on_grid) AS first_off_grid,
-           count(*) FILTER (WHERE w.import_wh < w.p_import OR w.export_wh < w.p_export) AS rollbacks,
-           min(w.time) FILTER (WHERE w.import_wh < w.p_import OR w.export_wh < w.p_export) AS first_rollback,
-           count(*) FILTER (WHERE spike) AS spikes,
-           min(w.time) FILTER (WHERE spike) AS first_spike,
-           max(w.import_wh - w.p_import) FILTER (WHERE spike) AS largest_spike_wh,
-           sum(w.import_wh - w.p_import) FILTER (
-               WHERE on_grid AND w.p_time = w.time - make_interval(secs => w.interval_s)) AS profile_wh,
-           max(w.time) AS last_time,
-           array_agg(w.p_time ORDER BY w.time) FILTER (WHERE hole) AS h_after,
-           array_agg(w.time ORDER BY w.time) FILTER (WHERE hole) AS h_before,
-           array_agg(w.p_epoch ORDER BY w.time) FILTER (WHERE hole) AS h_pe,
-           array_agg(w.p_seq ORDER BY w.time) FILTER (WHERE hole) AS h_ps,
-           array_agg(w.epoch ORDER BY w.time) FILTER (WHERE hole) AS h_ne,
-           array_agg(w.seq ORDER BY w.time) FILTER (WHERE hole) AS h_ns
-    FROM (
-        SELECT w.*,
-               extract(epoch FROM w.time)::bigint % w.interval_s = 0 AS on_grid,
-               w.max_power_w IS NOT NULL AND w.p_time IS NOT NULL
-                   AND (w.import_wh - w.p_import) * 3600
-                       > w.max_power_w * extract(epoch FROM w.time - w.p_time) AS spike,
-               w.time > GREATEST(w.p_time, w.start_at) + make_interval(secs => w.interval_s)
-                   OR (w.p_time IS NULL AND w.time > w.start_at + make_interval(secs => w.interval_s)) AS hole
-        FROM w
-    ) w
-    GROUP BY w.meter_id
+    SELECT b.meter_id, s.*
+    FROM b
+    LEFT JOIN replayed rp ON rp.meter_id = b.meter_id
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE on_grid AND NOT from_flash) AS actual,
+               count(*) FILTER (WHERE on_grid AND from_flash) AS replayed,
+               count(*) FILTER (WHERE NOT on_grid) AS off_grid,
+               min(w.time) FILTER (WHERE NOT on_grid) AS first_off_grid,
+               count(*) FILTER (WHERE rollback) AS rollbacks,
+               min(w.time) FILTER (WHERE rollback) AS first_rollback,
+               count(*) FILTER (WHERE spike) AS spikes,
+               min(w.time) FILTER (WHERE spike) AS first_spike,
+               max(w.import_wh - w.p_import) FILTER (WHERE spike) AS largest_spike_wh,
+               sum(w.import_wh - w.p_import)
+                   FILTER (WHERE on_grid AND w.p_time = w.time - b.step) AS profile_wh,
+               max(w.time) AS last_time,
+               -- Each hole is classified on its own: the arrays need no order, only the
+               -- same one, which one aggregation pass gives them.
+               array_agg(w.p_time) FILTER (WHERE hole) AS h_after,
+               array_agg(w.time) FILTER (WHERE hole) AS h_before,
+               array_agg(w.p_epoch) FILTER (WHERE hole) AS h_pe,
+               array_agg(w.p_seq) FILTER (WHERE hole) AS h_ps,
+               array_agg(w.epoch) FILTER (WHERE hole) AS h_ne,
+               array_agg(w.seq) FILTER (WHERE hole) AS h_ns
+        FROM (
+            SELECT w.*,
+                   date_part('epoch', w.time)::bigint % b.interval_s = 0 AS on_grid,
+                   rp.seqs IS NOT NULL AND w.seq = ANY (rp.seqs)
+                       AND EXISTS (SELECT FROM unnest(rp.epochs, rp.seqs) AS u(e, s)
+                                   WHERE u.e = w.epoch AND u.s = w.seq) AS from_flash,
+                   w.import_wh < w.p_import OR w.export_wh < w.p_export AS rollback,
+                   b.max_power_w IS NOT NULL AND w.p_time IS NOT NULL
+                       AND (w.import_wh - w.p_import) * 3600
+                           > b.max_power_w * date_part('epoch', w.time - w.p_time) AS spike,
+                   w.time > GREATEST(w.p_time, b.start_at) + b.step AS hole
+            FROM (
+                SELECT r.time, r.import_wh, r.export_wh, r.epoch, r.seq,
+                       COALESCE(lag(r.time) OVER win, b.anchor_time) AS p_time,
+                       COALESCE(lag(r.import_wh) OVER win, b.anchor_import) AS p_import,
+                       CASE WHEN lag(r.time) OVER win IS NULL THEN b.anchor_export
+                            ELSE lag(r.export_wh) OVER win END AS p_export,
+                       COALESCE(lag(r.epoch) OVER win, b.anchor_epoch) AS p_epoch,
+                       COALESCE(lag(r.seq) OVER win, b.anchor_seq) AS p_seq
+                FROM readings r
+                WHERE r.meter_id = b.meter_id AND r.time > b.start_at AND r.time <= $2::timestamptz
+                WINDOW win AS (ORDER BY r.time)
+            ) w
+        ) w
+    ) s
 ),
 holes AS (
     SELECT b.meter_id, b.interval_s, b.start_at, h.after, h.before, h.pe, h.ps, h.ne, h.ns
