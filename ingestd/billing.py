@@ -42,7 +42,9 @@ URGENCY: Final[dict[str, int]] = {s: i for i, s in enumerate(STATUSES)}
 # Flags that need a person before the invoice goes out.
 REVIEW_FLAGS: Final = ("rollback", "spike", "tamper", "profile_mismatch")
 FLAG_NAMES: Final = ("rollback", "spike", "tamper", "clock", "profile_mismatch", "power_loss")
-CLOCK_ADJUSTED: Final = "009"
+# A whole fleet's statements are one long read (a minute for 10,000 meters on a small
+# server), not a stuck batch write: database.command_timeout_s is not meant for it.
+REPORT_TIMEOUT_S: Final = 3600.0
 _PERIOD = re.compile(r"(\d{4})-(\d{2})")
 
 
@@ -582,7 +584,9 @@ async def compute_statements(
         # The plan is large and its estimates high, which makes PostgreSQL compile it
         # (JIT): measured here, 7 s of compiling for a 70 ms query.
         await conn.execute("SET LOCAL jit = off")
-        rows = await conn.fetch(_STATEMENTS, period.start, period.end, as_of, retention, site)
+        rows = await conn.fetch(
+            _STATEMENTS, period.start, period.end, as_of, retention, site, timeout=REPORT_TIMEOUT_S
+        )
     return [build_statement(dict(r), period) for r in rows]
 
 
