@@ -829,14 +829,22 @@ async def unbilled_adjustments(conn: Conn) -> int:
 
 
 async def check_adjustments(
-    conn: Conn, config: BillingConfig, *, as_of: datetime, retention: timedelta
+    conn: Conn,
+    config: BillingConfig,
+    *,
+    as_of: datetime,
+    retention: timedelta,
+    computed: Mapping[str, Sequence[Statement]] | None = None,
 ) -> int:
     """Record adjustments for every closed period data may still arrive for (within the
-    meters' flash retention of its end); returns how many rows were added."""
+    meters' flash retention of its end); returns how many rows were added. ``computed``:
+    live statements the caller already has (as of ``as_of``), by period, not computed again."""
     added = 0
     for name in await closed_periods(conn, as_of - retention):
         period = parse_period(name, config)
-        live = await compute_statements(conn, period, as_of=as_of, retention=retention)
+        live = (computed or {}).get(name)
+        if live is None:
+            live = await compute_statements(conn, period, as_of=as_of, retention=retention)
         added += await record_adjustments(conn, period, live)
     return added
 

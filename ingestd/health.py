@@ -262,13 +262,17 @@ class HealthMonitor:
         current = billing.period_containing(as_of, config)
         periods = (billing.previous_period(current, config), current)
         counts: dict[str, dict[str, int]] = {}
+        computed: dict[str, list[billing.Statement]] = {}
         async with self._store.connection() as conn:
             for period in periods:
-                statements = await billing.compute_statements(
+                computed[period.name] = await billing.compute_statements(
                     conn, period, as_of=as_of, retention=self._retention
                 )
-                counts[period.name] = billing.totals(statements).by_status
-            added = await billing.check_adjustments(conn, config, as_of=as_of, retention=self._retention)
+                counts[period.name] = billing.totals(computed[period.name]).by_status
+            # The previous period is usually the one closed last: its statements are at hand.
+            added = await billing.check_adjustments(
+                conn, config, as_of=as_of, retention=self._retention, computed=computed
+            )
             unbilled = await billing.unbilled_adjustments(conn)
         if added:
             log.warning("billing_adjustments_recorded", count=added)
