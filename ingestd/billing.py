@@ -116,11 +116,6 @@ def grid_after(instant: datetime, interval_s: int) -> datetime:
     return datetime.fromtimestamp(stamp, UTC)
 
 
-def grid_at_or_after(instant: datetime, interval_s: int) -> datetime:
-    stamp = -(-int(instant.timestamp()) // interval_s) * interval_s
-    return datetime.fromtimestamp(stamp, UTC)
-
-
 def expected_intervals(start: datetime, end: datetime, interval_s: int) -> int:
     """Interval ends on the grid in (start, end]: those the period should have readings for."""
     if end <= start:
