@@ -94,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - long, but a fl
     add.add_argument(
         "--valid-until", type=_timestamp, metavar="TIME", help="RFC 3339 time at which the key expires"
     )
+    add.add_argument(
+        "--max-power-w",
+        type=_max_power,
+        metavar="W",
+        help="service size in W: an interval's energy above it is a billing spike ('none' clears it)",
+    )
+    setter = meter_cmds.add_parser("set", parents=[common], help="change a registered meter's settings")
+    setter.add_argument("meter_id", metavar="METER_ID")
+    setter.add_argument(
+        "--max-power-w",
+        type=_max_power,
+        metavar="W",
+        required=True,
+        help="service size in W, for the billing spike check ('none' clears it)",
+    )
     _add_import_export(meter_cmds, common)
     listing = meter_cmds.add_parser("list", parents=[common], help="list meters and their keys")
     listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
@@ -184,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - long, but a fl
     check.add_argument("--valid-from", type=_timestamp, metavar="TIME", help="the key's valid_from")
     check.add_argument("--valid-until", type=_timestamp, metavar="TIME", help="the key's valid_until")
     _add_audit_parser(commands, common)
-    _add_billing_parser(commands, common)
+    _billing_parser(commands, common)
 
     simulate = commands.add_parser(
         "simulate", parents=[common], help="run a fleet of virtual meters (demo, tests, benchmarks)"
@@ -242,12 +257,38 @@ def _add_audit_parser(commands: Any, common: argparse.ArgumentParser) -> None:  
     verify.add_argument("--json", action="store_true", help="one JSON document instead of lines")
 
 
-def _add_billing_parser(commands: Any, common: argparse.ArgumentParser) -> None:  # noqa: ANN401
-    billing = commands.add_parser("billing", parents=[common], help="billing: evidence for a billed figure")
-    billing_cmds = billing.add_subparsers(
+def _billing_parser(commands: Any, common: argparse.ArgumentParser) -> None:  # noqa: ANN401 - argparse's private type
+    billing = commands.add_parser(
+        "billing", parents=[common], help="billing periods: statements, closing a period, adjustments"
+    )
+    cmds = billing.add_subparsers(
         dest="billing_command", metavar="ACTION", required=True, parser_class=_Parser
     )
-    evidence = billing_cmds.add_parser(
+    report = cmds.add_parser(
+        "report", parents=[common], help="per meter: open, close, consumption, completeness, flags, status"
+    )
+    report.add_argument("--period", required=True, metavar="YYYY-MM", help="the billing period")
+    report.add_argument("--site", help="only meters of this site")
+    report.add_argument(
+        "--status", choices=("ready", "estimated", "pending", "review"), help="only this status"
+    )
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table", help="default table")
+    close = cmds.add_parser(
+        "close",
+        parents=[common],
+        help="freeze a period's statements (once; before the cut-off needs --force)",
+    )
+    close.add_argument("--period", required=True, metavar="YYYY-MM", help="the billing period")
+    close.add_argument("--force", action="store_true", help="close before the period's cut-off")
+    adjustments = cmds.add_parser(
+        "adjustments", parents=[common], help="closed figures that later data changed: the re-bill list"
+    )
+    adjustments.add_argument("--period", metavar="YYYY-MM", help="only this period")
+    adjustments.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    adjustments.add_argument(
+        "--mark-billed", action="store_true", help="record the listed adjustments as re-billed"
+    )
+    evidence = cmds.add_parser(
         "evidence",
         parents=[common],
         help="write a self-contained bundle that proves a meter's consumption in a period, checkable offline",
@@ -353,6 +394,11 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
                     valid_from=args.valid_from,
                     valid_until=args.valid_until,
                 )
+                if args.max_power_w is not None:
+                    from ingestd.billing import set_max_power  # noqa: PLC0415 - only with --max-power-w
+
+                    async with store.connection() as conn:
+                        await set_max_power(conn, args.meter_id, args.max_power_w)
             print(f"meter {args.meter_id}: key {args.kid} ({args.alg}) registered")
             return EXIT_OK
 
@@ -385,6 +431,19 @@ def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
         return _run_async(listing)
     if action == "history":
         return _meter_history(config, args)
+    if action == "set":
+
+        async def setter() -> int:
+            from ingestd.billing import set_max_power  # noqa: PLC0415 - only `meter set` needs it
+
+            async with Store(config.database) as store, store.connection() as conn:
+                if not await set_max_power(conn, args.meter_id, args.max_power_w):
+                    raise UsageError(f"METER_ID {args.meter_id!r}: no such meter")
+            shown = "none" if args.max_power_w is None else f"{args.max_power_w} W"
+            print(f"meter {args.meter_id}: max power {shown}")
+            return EXIT_OK
+
+        return _run_async(setter)
 
     async def revoke() -> int:
         async with Store(config.database) as store:
@@ -677,7 +736,119 @@ def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
     return _run_async(go)
 
 
-def _cmd_billing(config: Config, args: argparse.Namespace) -> int:
+def _cmd_billing(config: Config, args: argparse.Namespace) -> int:  # noqa: PLR0915 - three small commands
+    from ingestd import billing  # noqa: PLC0415 - only `billing` needs it
+
+    retention = timedelta(days=config.gaps.retention_days)
+    cfg = config.billing
+
+    async def report() -> int:
+        period = billing.parse_period(args.period, cfg)
+        async with Store(config.database) as store, store.connection() as conn:
+            as_of: datetime = await conn.fetchval("SELECT now()")
+            billing.check_reportable(period, as_of)
+            if args.site is not None and not await billing.site_exists(conn, args.site):
+                raise UsageError(f"--site {args.site!r}: no meters registered at this site")
+            statements = await billing.compute_statements(
+                conn, period, as_of=as_of, retention=retention, site=args.site
+            )
+            closed = await billing.is_closed(conn, period)
+            if closed:
+                await billing.record_adjustments(conn, period, statements)
+            adjustments = await billing.list_adjustments(conn, period) if closed else []
+        shown = billing.by_urgency(s for s in statements if args.status is None or s.status == args.status)
+        if args.format == "csv":
+            sys.stdout.write(billing.csv_rows(shown))
+        elif args.format == "json":
+            doc = billing.report_json(period, shown, as_of)
+            doc["closed"] = closed
+            doc["adjustments"] = [
+                a.to_json()
+                for a in adjustments
+                if args.site is None or a.meter_id in {s.meter_id for s in statements}
+            ]
+            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        else:
+            state = "closed" if closed else f"open, cut-off {billing.cutoff(period, cfg).isoformat()}"
+            print(f"period {period.name}: {period.start.isoformat()} to {period.end.isoformat()} ({state})")
+            print("\n".join(billing.report_table(shown)))
+            unbilled = [a for a in adjustments if a.billed_at is None]
+            if unbilled:
+                hint = f"ingestd billing adjustments --period {period.name}"
+                print(f"{len(unbilled)} adjustment(s) to re-bill: {hint}")
+        return EXIT_OK
+
+    async def close() -> int:
+        period = billing.parse_period(args.period, cfg)
+        async with Store(config.database) as store, store.connection() as conn:
+            as_of = await conn.fetchval("SELECT now()")
+            billing.check_reportable(period, as_of)
+            if as_of < period.end:
+                raise UsageError(f"--period {period.name}: not over yet (it ends {period.end.isoformat()})")
+            deadline = billing.cutoff(period, cfg)
+            if as_of < deadline and not args.force:
+                raise UsageError(
+                    f"--period {period.name}: before its cut-off {deadline.isoformat()} "
+                    "(data may still arrive); use --force to close now"
+                )
+            if await billing.is_closed(conn, period):
+                raise UsageError(
+                    f"--period {period.name}: already closed (closed statements are never rewritten)"
+                )
+            statements = await billing.compute_statements(conn, period, as_of=as_of, retention=retention)
+            count = await billing.close_period(conn, period, statements)
+        t = billing.totals(statements)
+        counts = ", ".join(f"{t.by_status[s]} {s}" for s in billing.STATUSES)
+        print(f"period {period.name} closed: {count} statements ({counts})")
+        return EXIT_OK
+
+    async def adjustments() -> int:
+        period = billing.parse_period(args.period, cfg) if args.period else None
+        async with Store(config.database) as store, store.connection() as conn:
+            as_of = await conn.fetchval("SELECT now()")
+            if period is not None:
+                billing.check_reportable(period, as_of)
+                if not await billing.is_closed(conn, period):
+                    raise UsageError(
+                        f"--period {period.name}: not closed (adjustments exist only for closed periods)"
+                    )
+                live = await billing.compute_statements(conn, period, as_of=as_of, retention=retention)
+                await billing.record_adjustments(conn, period, live)
+            else:
+                await billing.check_adjustments(conn, cfg, as_of=as_of, retention=retention)
+            found = await billing.list_adjustments(conn, period)
+            if args.mark_billed:
+                await billing.mark_billed(conn, [a.id for a in found], as_of)
+        if args.json:
+            print(orjson.dumps([a.to_json() for a in found], option=orjson.OPT_INDENT_2).decode())
+        else:
+            _print_table(
+                ("ID", "PERIOD", "METER", "FIELD", "OLD", "NEW", "CAUSED BY", "DETECTED", "BILLED"),
+                [
+                    (
+                        str(a.id),
+                        a.period,
+                        a.meter_id,
+                        a.field,
+                        a.old_value or "-",
+                        a.new_value or "-",
+                        " ".join(f"{c['epoch']}:{c['seq']}" for c in a.caused_by) or "-",
+                        a.detected_at.isoformat()[:19],
+                        a.billed_at.isoformat()[:19] if a.billed_at else "-",
+                    )
+                    for a in found
+                ],
+                empty="no adjustments",
+            )
+        return EXIT_OK
+
+    if args.billing_command == "evidence":
+        return _billing_evidence(config, args)
+    handlers = {"report": report, "close": close, "adjustments": adjustments}
+    return _run_async(handlers[args.billing_command])
+
+
+def _billing_evidence(config: Config, args: argparse.Namespace) -> int:
     from ingestd import evidence  # noqa: PLC0415 - only `billing evidence` needs it
 
     if not METER_ID.fullmatch(args.meter):
@@ -732,6 +903,12 @@ def _timestamp(text: str) -> datetime:
         raise argparse.ArgumentTypeError(
             f"expected an RFC 3339 time such as 2027-01-01T00:00:00Z, got {text!r}"
         ) from None
+
+
+def _max_power(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    return _positive_int(text)
 
 
 def _positive_int(text: str) -> int:

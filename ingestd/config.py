@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ingestd.errors import ConfigError
 from ingestd.files import CONFIG_FILE_MAX, SECRET_FILE_MAX, read_bounded
@@ -280,6 +281,29 @@ class FlagsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BillingConfig:
+    # Billing periods are local calendar months: they start at 00:00 in this IANA time
+    # zone on cycle_day, so a period across a DST change is an hour longer or shorter.
+    timezone: str = "UTC"
+    # 1 to 28: every month has that day.
+    cycle_day: int = 1
+    # The invoice run is this many days after a period ends; gaps may be filled until then.
+    cutoff_days: int = 3
+    # Seconds between refreshes of ingestd_billing_meters{period,status} and of the
+    # adjustment check. Each costs a pass over two periods' readings, so not every minute.
+    refresh_s: float = 900.0
+
+    def validate(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError("billing.timezone", f"unknown IANA time zone {self.timezone!r}") from None
+        _require_range("billing.cycle_day", self.cycle_day, 1, 28)
+        _require_range("billing.cutoff_days", self.cutoff_days, 0, 27)
+        _require_range("billing.refresh_s", self.refresh_s, 1, 86400)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -289,6 +313,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     flags: FlagsConfig = field(default_factory=FlagsConfig)
+    billing: BillingConfig = field(default_factory=BillingConfig)
 
     def validate(self, *, broker: bool = True) -> None:
         for section in dataclasses.fields(self):

@@ -109,7 +109,14 @@ class Daemon:
                 load=lambda: pipeline.in_hand / cfg.ingest.max_pending,
             )
             metrics_server = MetricsServer(self.metrics, cfg.metrics.addr)
-            health = HealthMonitor(cfg.flags, store=store, metrics=self.metrics, now=self._now)
+            health = HealthMonitor(
+                cfg.flags,
+                store=store,
+                metrics=self.metrics,
+                now=self._now,
+                billing=cfg.billing,
+                retention_days=cfg.gaps.retention_days,
+            )
             retention = QuarantineRetention(cfg.ingest, store=store, metrics=self.metrics, now=self._now)
             gap_retention = ClosedGapRetention(cfg.gaps, store=store, metrics=self.metrics, now=self._now)
             async with metrics_server, pipeline, health:

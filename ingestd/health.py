@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Final, Literal, Self
 import asyncpg
 import structlog
 
-from ingestd.config import DatabaseConfig, FlagsConfig
+from ingestd import billing
+from ingestd.config import BillingConfig, DatabaseConfig, FlagsConfig
 from ingestd.events import BY_CODE
 from ingestd.metrics import LastSeenCollector, Metrics
 from ingestd.store import CONNECTION_ERRORS, Store, connect_kwargs
@@ -231,12 +232,19 @@ class HealthMonitor:
         store: Store,
         metrics: Metrics,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        billing: BillingConfig | None = None,
+        retention_days: float = 90.0,
     ) -> None:
         self._config = config
         self._store = store
         self._metrics = metrics
         self._now = now
         self._last_seen = LastSeenCollector() if config.per_meter_metrics else None
+        self._billing = billing
+        self._retention = timedelta(days=retention_days)
+        self._billing_due: datetime | None = None
+        # Periods with series in the billing gauges, so that old ones can be removed.
+        self._billing_periods: set[str] = set()
 
     async def __aenter__(self) -> Self:
         if self._last_seen is not None:
@@ -259,6 +267,11 @@ class HealthMonitor:
                     stored = True
                 await self.refresh()
                 await self.classify()
+                if self._billing is not None and (
+                    self._billing_due is None or self._now() >= self._billing_due
+                ):
+                    await self.refresh_billing()
+                    self._billing_due = self._now() + timedelta(seconds=self._billing.refresh_s)
             except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 # Health is a view on what was stored; ingestion must go on without it.
                 log.warning("health_refresh_failed", error=str(exc) or type(exc).__name__)
@@ -276,6 +289,46 @@ class HealthMonitor:
         self._metrics.health_refreshed.set(as_of.timestamp())
         if self._last_seen is not None and seen is not None:
             self._last_seen.snapshot = tuple((meter, at.timestamp()) for meter, at in seen)
+        return counts
+
+    async def refresh_billing(self) -> dict[str, dict[str, int]]:
+        """Meters by billing status for the current and the previous period, and the
+        adjustments of closed periods (recorded here as well as by the CLI, so that the
+        re-bill list grows without anyone running a report)."""
+        assert self._billing is not None
+        config = self._billing
+        as_of = self._now()
+        current = billing.period_containing(as_of, config)
+        periods = (billing.previous_period(current, config), current)
+        counts: dict[str, dict[str, int]] = {}
+        computed: dict[str, list[billing.Statement]] = {}
+        async with self._store.connection() as conn:
+            for period in periods:
+                computed[period.name] = await billing.compute_statements(
+                    conn, period, as_of=as_of, retention=self._retention
+                )
+                counts[period.name] = billing.totals(computed[period.name]).by_status
+            # The previous period is usually the one closed last: its statements are at hand.
+            added = await billing.check_adjustments(
+                conn, config, as_of=as_of, retention=self._retention, computed=computed
+            )
+            unbilled = await billing.unbilled_adjustments(conn)
+        if added:
+            log.warning("billing_adjustments_recorded", count=added)
+        for stale in self._billing_periods - set(counts):
+            for status in billing.STATUSES:
+                self._metrics.billing_meters.remove(stale, status)
+            self._metrics.billing_period_end.remove(stale)
+            self._metrics.billing_cutoff.remove(stale)
+        for period in periods:
+            for name, n in counts[period.name].items():
+                self._metrics.billing_meters.labels(period=period.name, status=name).set(n)
+            self._metrics.billing_period_end.labels(period=period.name).set(period.end.timestamp())
+            self._metrics.billing_cutoff.labels(period=period.name).set(
+                billing.cutoff(period, config).timestamp()
+            )
+        self._billing_periods = set(counts)
+        self._metrics.billing_adjustments_pending.set(unbilled)
         return counts
 
     async def classify(self) -> Sequence[Classified]:

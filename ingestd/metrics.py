@@ -185,6 +185,31 @@ class Metrics:
         )
         for reason in ("pending", "outstanding"):
             self.replay_held_back.labels(reason=reason)
+        # Billing (ingestd.billing): the current and the previous period only, refreshed
+        # every billing.refresh_s; a period that is neither any more loses its series.
+        self.billing_meters = Gauge(
+            "ingestd_billing_meters",
+            "Meters by billing status (ready, estimated, pending, review), current and previous period.",
+            ["period", "status"],
+            registry=r,
+        )
+        self.billing_period_end = Gauge(
+            "ingestd_billing_period_end_timestamp_seconds",
+            "When the billing period ends (Unix time), current and previous period.",
+            ["period"],
+            registry=r,
+        )
+        self.billing_cutoff = Gauge(
+            "ingestd_billing_cutoff_timestamp_seconds",
+            "When the billing period's invoice run happens (Unix time), current and previous period.",
+            ["period"],
+            registry=r,
+        )
+        self.billing_adjustments_pending = Gauge(
+            "ingestd_billing_adjustments_pending",
+            "Changes to closed billing statements not yet marked re-billed.",
+            registry=r,
+        )
         for reason in REJECT_REASONS:
             # Present from the start at 0, so that rate() and alerts work before the first one.
             self.rejected.labels(reason=reason)

@@ -48,10 +48,17 @@ DAEMON_WRITES: Final[Mapping[str, tuple[str, ...]]] = {
     # Deleted after ingest.quarantine_retention_days.
     "quarantine": ("INSERT", "DELETE"),
     "health_settings": ("INSERT", "UPDATE"),
+    # The health refresh compares closed statements with the data (ingestd.billing) and
+    # records what changed as adjustments: the re-bill list.
+    "billing_adjustments": ("INSERT",),
 }
 # Tables the daemon does not read either.
 DAEMON_UNREADABLE: Final = ("admin_log",)
-OPERATOR_WRITES: Final[Mapping[str, tuple[str, ...]]] = {"gaps": ("UPDATE (next_request_at)",)}
+OPERATOR_WRITES: Final[Mapping[str, tuple[str, ...]]] = {
+    "gaps": ("UPDATE (next_request_at)",),
+    # `billing report` of a closed period records the adjustments it finds.
+    "billing_adjustments": ("INSERT",),
+}
 ADMIN_WRITES: Final[Mapping[str, tuple[str, ...]]] = {
     "meters": ("INSERT", "UPDATE", "DELETE"),
     "meter_keys": ("INSERT", "UPDATE", "DELETE"),
@@ -60,7 +67,10 @@ ADMIN_WRITES: Final[Mapping[str, tuple[str, ...]]] = {
 }
 # Billing statements (migration 0009, issue 14) when this database has them.
 BILLING_WRITES: Final[Mapping[str, tuple[str, ...]]] = {
-    "billing_statements": ("INSERT", "UPDATE"),
+    # Append-only: migration 0009's trigger refuses any UPDATE or DELETE of a statement.
+    "billing_statements": ("INSERT",),
+    # `billing adjustments --mark-billed`.
+    "billing_adjustments": ("INSERT", "UPDATE (billed_at)"),
     "admin_log": ("INSERT",),
 }
 # Tables whose every change is logged in admin_log, with their key column; meters and

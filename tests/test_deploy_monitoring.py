@@ -45,6 +45,7 @@ ALERTS = {
     "IngestdRejectionsRising",
     "IngestdVerifyWorkerRestarts",
     "IngestdClockOffset",
+    "IngestdBillingAtRisk",
 }
 
 
@@ -98,6 +99,9 @@ def test_rules_and_dashboard_use_only_metrics_ingestd_exports() -> None:
     metrics = Metrics()
     metrics.meters.labels(flag="ok").set(0)  # labelled gauges appear once set
     metrics.gaps_open.set(0)
+    metrics.billing_meters.labels(period="2026-10", status="pending").set(0)
+    metrics.billing_period_end.labels(period="2026-10").set(0)
+    metrics.billing_cutoff.labels(period="2026-10").set(0)
     exported = {s.name for m in metrics.registry.collect() for s in m.samples}
     text = RULES.read_text(encoding="utf-8") + DASHBOARD.read_text(encoding="utf-8")
     used = set(re.findall(r"\bingestd_[a-z_]+", text))
