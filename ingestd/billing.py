@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal, TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 from zoneinfo import ZoneInfo
 
 import asyncpg
