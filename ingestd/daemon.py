@@ -84,6 +84,7 @@ class Daemon:
                 lambda delivery: pipeline.submit(delivery),  # noqa: PLW0108 - pipeline is bound below
                 on_state=self.metrics.mqtt_connected.set,
                 on_disconnect=self.metrics.mqtt_disconnects.inc,
+                on_fast_path=self.metrics.set_mqtt_fast_path,
                 state_topic=f"headend/{cfg.headend.instance}/state",
                 now=self._now,
                 receive_maximum=receive_maximum(cfg.ingest),

@@ -65,6 +65,13 @@ class Metrics:
             "Broker connections that ended (broker restarts, network faults, timeouts).",
             registry=r,
         )
+        self.mqtt_fast_path = Gauge(
+            "ingestd_mqtt_fast_path",
+            "1 while a fast path of the broker link (receive, batched_ack, keepalive_guard) is in"
+            " effect, 0 while its slower fallback is (a paho or aiomqtt other than the pinned ones).",
+            ["path"],
+            registry=r,
+        )
         self.db_up = Gauge(
             "ingestd_db_up", "1 while the database answers (the last batch write or probe).", registry=r
         )
@@ -215,6 +222,9 @@ class Metrics:
             self.rejected.labels(reason=reason)
         for code in sorted(TAMPER_CODES):
             self.tamper_events.labels(code=code)
+
+    def set_mqtt_fast_path(self, path: str, in_effect: bool) -> None:
+        self.mqtt_fast_path.labels(path=path).set(1 if in_effect else 0)
 
     def count_events(self, stored: Mapping[str, int]) -> None:
         """Count event rows inserted, by code (unknown codes as one label)."""

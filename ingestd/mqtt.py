@@ -20,6 +20,28 @@ Packet ids are only meaningful on the connection that delivered them: every deli
 carries its connection's number, and an ack for an earlier connection is dropped. The
 broker redelivers what was not acknowledged on the next connection, and the ledger in
 the database recognises it as a duplicate.
+
+**The seam.** What this module reaches is private to paho 2.x and aiomqtt 2.x, which is
+why pyproject.toml caps both at the versions tests/test_mqtt_adapter.py runs on. Two
+kinds of private names, failing in two ways:
+
+- without which nothing works, and every broker test fails loudly: aiomqtt's
+  ``Client._client`` (the paho client) and ``Client._disconnected``, paho's
+  ``on_connect`` flags (``session_present``);
+- the three fast paths, each of which has a slower public equivalent that loses no
+  data: ``receive`` (``_FastReceive``: paho's ``_handle_publish``, ``_sock_recv``,
+  ``_in_packet``, ``_sock``, ``_logger``, ``_easy_log``), ``batched_ack`` (``ack_many``:
+  ``_packet_queue``) and ``keepalive_guard`` (``_last_bytes_received``, ``_ping_t``).
+  Each is checked on every new client; one that is missing is reported (a warning, and
+  ``ingestd_mqtt_fast_path{path}`` at 0) and its fallback is used: paho's own receive
+  path (about 40 us more per message), one PUBACK write per message, or a reconnect
+  after a pause longer than the keepalive (its messages come again, as duplicates).
+
+The way out: a maintained public manual-ack API (aiomqtt's issue #345; e.g. a
+``Client.puback()`` in aiomqtt 3, once released) would replace ``manual_ack_set``, the
+``on_message`` swap and ``batched_ack``; what is left (``receive``, pausing the socket,
+``keepalive_guard``) would then be the only private code here, or go too if the library
+gains a receive window that a broker honours.
 """
 
 from __future__ import annotations
@@ -30,9 +52,10 @@ import math
 import random
 import ssl
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Final
 
 import aiomqtt
@@ -59,6 +82,23 @@ RECEIVE_MAXIMUM: Final = 65535
 MAXIMUM_PACKET_SIZE: Final = 1024 * 1024
 # PUBACK: fixed header, remaining length 2, packet id (MQTT v5 allows omitting the reason).
 _PUBACK: Final = struct.Struct("!BBH")
+
+# The fast paths, and the private paho 2.x attributes each needs (see the module's note).
+FAST_RECEIVE: Final = "receive"
+BATCHED_ACK: Final = "batched_ack"
+KEEPALIVE_GUARD: Final = "keepalive_guard"
+FAST_PATH_NEEDS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        FAST_RECEIVE: ("_handle_publish", "_sock_recv", "_in_packet", "_sock", "_logger", "_easy_log"),
+        BATCHED_ACK: ("_packet_queue",),
+        KEEPALIVE_GUARD: ("_last_bytes_received", "_ping_t"),
+    }
+)
+
+
+def missing_internals(inner: object, path: str) -> list[str]:
+    """The attributes ``path`` needs that this paho client lacks (none: it can be used)."""
+    return [name for name in FAST_PATH_NEEDS[path] if not hasattr(inner, name)]
 
 
 # Not frozen: one is built for every message, and a frozen dataclass costs about 85 ns a
@@ -89,6 +129,7 @@ class MqttLink:
         *,
         on_state: Callable[[bool], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        on_fast_path: Callable[[str, bool], None] | None = None,
         state_topic: str | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         receive_maximum: int = RECEIVE_MAXIMUM,
@@ -100,6 +141,12 @@ class MqttLink:
         self._now = now
         self._on_state = on_state or (lambda _up: None)
         self._on_disconnect = on_disconnect or (lambda: None)
+        # (path, in effect) for each fast path, on every new client: the daemon's gauge.
+        self._on_fast_path = on_fast_path or (lambda _path, _on: None)
+        # The paths found missing, warned about once per link rather than per connection.
+        self._warned: set[str] = set()
+        self._batched_ack = False
+        self._keepalive_guarded = False
         # From the last CONNACK: the broker kept our session (subscription and queue).
         self._session_present = False
         # Retained {"online": ...}; the broker publishes the offline one (the will) if we die.
@@ -233,11 +280,12 @@ class MqttLink:
         inner = _paho(client)
         logger = getattr(inner, "_logger", None)
         if (
-            len(mids) != sum(1 for d in deliveries if d.connection == connection and d.qos)
-            or not hasattr(inner, "_packet_queue")
+            not self._batched_ack
+            or len(mids) != sum(1 for d in deliveries if d.connection == connection and d.qos)
             or (logger is not None and logger.isEnabledFor(logging.DEBUG))
         ):
-            # QoS 2 (never subscribed to), another paho, or paho's per-packet debug log.
+            # A paho without the internals (reported when the client was made), QoS 2
+            # (never subscribed to), or paho's per-packet debug log.
             return sum(self.ack(d) for d in deliveries)
         if mids:
             packets = b"".join([_PUBACK.pack(PUBACK, 2, mid) for mid in mids])
@@ -289,14 +337,13 @@ class MqttLink:
         """While reading is paused, keep paho from timing out on unread PINGRESPs."""
         while True:
             client = self._client
-            if client is not None:
+            if client is not None and self._keepalive_guarded:
                 inner = _paho(client)
                 # paho 2.x internals: the time bytes last arrived, and the time of an
-                # unanswered PINGREQ (0: none). Absent in another paho, the guard does
-                # nothing and a long pause costs a reconnect, never data.
-                if hasattr(inner, "_last_bytes_received") and hasattr(inner, "_ping_t"):
-                    inner._last_bytes_received = paho.time_func()  # noqa: SLF001
-                    inner._ping_t = 0  # noqa: SLF001
+                # unanswered PINGREQ (0: none). Absent in another paho (reported when the
+                # client was made), a long pause costs a reconnect, never data.
+                inner._last_bytes_received = paho.time_func()  # noqa: SLF001
+                inner._ping_t = 0  # noqa: SLF001
             await asyncio.sleep(1.0)
 
     async def disconnect(self) -> None:
@@ -363,8 +410,21 @@ class MqttLink:
             sink(Delivery(topic, payload, mid, 1, now(), connection))
 
         inner.on_message = on_message
-        _FastReceive(inner, on_qos1, lambda: self._paused).install()
+        self._fast_path(inner, FAST_RECEIVE, _FastReceive(inner, on_qos1, lambda: self._paused).install())
+        self._batched_ack = self._fast_path(inner, BATCHED_ACK, not missing_internals(inner, BATCHED_ACK))
+        self._keepalive_guarded = self._fast_path(
+            inner, KEEPALIVE_GUARD, not missing_internals(inner, KEEPALIVE_GUARD)
+        )
         return client
+
+    def _fast_path(self, inner: paho.Client, path: str, installed: bool) -> bool:
+        """Report whether a fast path is in effect on a new client; warn when it is not:
+        a paho or aiomqtt other than the pinned ones (pyproject.toml) lacks what it needs."""
+        self._on_fast_path(path, installed)
+        if not installed and path not in self._warned:
+            self._warned.add(path)
+            log.warning("mqtt_fallback", path=path, missing=missing_internals(inner, path))
+        return installed
 
     def _set_reading(self, *, paused: bool) -> None:
         client = self._client
@@ -404,7 +464,8 @@ class _FastReceive:
       that is not UTF-8, a short packet, debug logging on) takes paho's own path,
       unchanged, so MQTT v5 semantics and error handling stay paho's.
 
-    These are paho 2.x internals; ``install`` leaves a paho without them untouched.
+    These are paho 2.x internals; ``install`` leaves a paho without them untouched, and
+    says so.
     """
 
     _READ_SIZE: Final = 256 * 1024
@@ -424,10 +485,11 @@ class _FastReceive:
         self._pos = 0
         self._sock: object = None
 
-    def install(self) -> None:
+    def install(self) -> bool:
+        """Install on the client; False (and paho's own path kept) when it lacks what this needs."""
         inner = self._inner
-        if not all(hasattr(inner, a) for a in ("_handle_publish", "_sock_recv", "_in_packet", "_logger")):
-            return
+        if missing_internals(inner, FAST_RECEIVE):
+            return False
         self._paho_handle_publish = inner._handle_publish  # noqa: SLF001
         self._paho_sock_recv = inner._sock_recv  # noqa: SLF001
         self._paho_loop_read = inner.loop_read
@@ -435,6 +497,7 @@ class _FastReceive:
         inner._handle_publish = self._handle_publish  # type: ignore[method-assign]  # noqa: SLF001
         inner._sock_recv = self._recv  # type: ignore[method-assign]  # noqa: SLF001
         inner.loop_read = self._loop_read  # type: ignore[method-assign]
+        return True
 
     def _loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         while True:

@@ -119,3 +119,9 @@ def with_ingest(config: Config, **changes: object) -> Config:
 def key_factory() -> KeyFactory:
     """Shared, so DSA domain parameters are made once per session."""
     return KeyFactory()
+
+
+@pytest.fixture
+def client_id() -> str:
+    """A client id of its own for a test's MQTT link (tests/test_mqtt.py, test_mqtt_adapter.py)."""
+    return f"test-mqtt-{uuid.uuid4().hex[:8]}"

@@ -41,11 +41,6 @@ class Recorder:
         return list(self.deliveries)
 
 
-@pytest.fixture
-def client_id() -> str:
-    return f"test-mqtt-{uuid.uuid4().hex[:8]}"
-
-
 def mqtt_config(broker: MosquittoServer, client_id: str, *, keepalive_s: int = 30) -> MqttConfig:
     # Built directly, not validated: test 7 needs a keepalive below validate()'s minimum.
     return MqttConfig(
