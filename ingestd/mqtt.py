@@ -23,11 +23,12 @@ the database recognises it as a duplicate.
 
 **The seam.** What this module reaches is private to paho 2.x and aiomqtt 2.x, which is
 why pyproject.toml caps both at the versions tests/test_mqtt_adapter.py runs on. Two
-kinds of private names, failing in two ways:
+kinds of private names:
 
-- without which nothing works, and every broker test fails loudly: aiomqtt's
-  ``Client._client`` (the paho client) and ``Client._disconnected``, paho's
-  ``on_connect`` flags (``session_present``);
+- those the link cannot do without, whose change the broker tests (test_mqtt.py,
+  test_mqtt_adapter.py) catch: aiomqtt's ``Client._client`` (the paho client) and
+  ``Client._disconnected``, and the ``on_connect`` wrapper around aiomqtt's own, which
+  reads ``session_present`` from paho's flags;
 - the three fast paths, each of which has a slower public equivalent that loses no
   data: ``receive`` (``_FastReceive``: paho's ``_handle_publish``, ``_sock_recv``,
   ``_in_packet``, ``_sock``, ``_logger``, ``_easy_log``), ``batched_ack`` (``ack_many``:
