@@ -11,9 +11,13 @@ import structlog
 from ingestd.config import LogConfig
 
 
-def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
+def configure_logging(config: LogConfig, stream: TextIO | None = None, *, cache: bool = True) -> None:
     """Configure structlog and the standard library's logging (used by aiomqtt and asyncpg)
-    once, at start-up: logging is process-wide by nature."""
+    once, at start-up: logging is process-wide by nature.
+
+    ``cache``: a logger keeps the configuration of its first use for the life of the
+    process (cheaper); a test that configures logging in a shared process passes False,
+    or every module's logger first used meanwhile would write to its stream for ever."""
     stream = stream or sys.stderr
     level = logging.getLevelNamesMapping()[config.level.upper()]
     as_json = config.format == "json" or (config.format == "auto" and not stream.isatty())
@@ -33,7 +37,7 @@ def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     # Libraries' records (asyncpg's pool warnings come with tracebacks) go through the same
     # renderer: one JSON object per line, the traceback inside it. A plain formatter would

@@ -69,7 +69,8 @@ async def test_guide_steps_configure_credentials_migrate_register(
 def test_guide_blocks_are_found() -> None:
     """The parser sees every step's block: a guide rewritten out of its reach fails here."""
     steps = [(b.step, b.lang) for b in install_guide.blocks()]
-    assert steps == [(1, "sh"), (2, "toml"), (2, "sh"), (3, "sh"), (4, "sh")]
+    # Step 5 is the database administrator's (the roles, docs/security.md): SQL, not run here.
+    assert steps == [(1, "sh"), (2, "toml"), (2, "sh"), (3, "sh"), (4, "sh"), (5, "sql"), (5, "sql")]
     assert "systemctl enable --now ingestd" in install_guide.shell(range(4, 5))
 
 

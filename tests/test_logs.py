@@ -46,7 +46,7 @@ def _fail() -> None:
 
 def test_library_warnings_with_tracebacks_are_one_json_line(stream: io.StringIO) -> None:
     """asyncpg's pool logs a lost connection through `logging`, with the traceback."""
-    configure_logging(LogConfig(format="json"), stream)
+    configure_logging(LogConfig(format="json"), stream, cache=False)
     library = logging.getLogger("asyncpg.pool")
     try:
         _fail()
@@ -65,7 +65,7 @@ def test_library_warnings_with_tracebacks_are_one_json_line(stream: io.StringIO)
 
 
 def test_structlog_and_logging_share_one_format(stream: io.StringIO) -> None:
-    configure_logging(LogConfig(format="json", level="info"), stream)
+    configure_logging(LogConfig(format="json", level="info"), stream, cache=False)
     structlog.get_logger("ingestd.test").info("ours", n=3)
     logging.getLogger("aiomqtt").error("theirs")
     try:
@@ -84,7 +84,7 @@ def test_structlog_and_logging_share_one_format(stream: io.StringIO) -> None:
 
 
 def test_console_format_stays_readable(stream: io.StringIO) -> None:
-    configure_logging(LogConfig(format="console"), stream)
+    configure_logging(LogConfig(format="console"), stream, cache=False)
     logging.getLogger("asyncpg.pool").warning("lost %d connections", 2)
     text = stream.getvalue()
     assert "lost 2 connections" in text
@@ -96,7 +96,7 @@ async def test_a_database_outage_logs_only_json_lines(
 ) -> None:
     """The daemon through a real outage: asyncpg's pool logs its failed reconnections with
     tracebacks, our code its own warnings; every line must be one JSON object."""
-    configure_logging(LogConfig(format="json"), stream)
+    configure_logging(LogConfig(format="json"), stream, cache=False)
     config = dataclasses.replace(config, database=dataclasses.replace(config.database, probe_s=0.5))
     async with running_daemon(config) as daemon:
         await asyncio.to_thread(pg_server.stop)
