@@ -370,8 +370,7 @@ def _cmd_run(config: Config, _args: argparse.Namespace) -> int:
 def _cmd_meter(config: Config, args: argparse.Namespace) -> int:
     action = args.meter_command
     if action == "add":
-        if not METER_ID.fullmatch(args.meter_id):
-            raise UsageError(f"METER_ID {args.meter_id!r} must match [A-Za-z0-9_-]{{1,64}}")
+        _check_meter_id("METER_ID", args.meter_id)
         if args.valid_from and args.valid_until and args.valid_until <= args.valid_from:
             raise UsageError("--valid-until must be later than --valid-from")
         if not KID.fullmatch(args.kid):
@@ -519,8 +518,7 @@ def _export_format(out: Path | None) -> str:
 def _meter_history(config: Config, args: argparse.Namespace) -> int:
     from ingestd.audit import describe_change, meter_history  # noqa: PLC0415 - only `history` needs it
 
-    if not METER_ID.fullmatch(args.meter_id):
-        raise UsageError(f"METER_ID {args.meter_id!r} must match [A-Za-z0-9_-]{{1,64}}")
+    _check_meter_id("METER_ID", args.meter_id)
 
     async def go() -> int:
         async with Store(config.database) as store, store.connection() as conn:
@@ -679,8 +677,8 @@ def _cmd_check_message(config: Config, args: argparse.Namespace) -> int:
     )
     if args.kid is not None and not KID.fullmatch(args.kid):
         raise UsageError(f"--kid {args.kid!r} must be 1-128 printable ASCII characters, no spaces")
-    if args.meter is not None and not METER_ID.fullmatch(args.meter):
-        raise UsageError(f"--meter {args.meter!r} must match [A-Za-z0-9_-]{{1,64}}")
+    if args.meter is not None:
+        _check_meter_id("--meter", args.meter)
     if args.valid_from and args.valid_until and args.valid_until <= args.valid_from:
         raise UsageError("--valid-until must be later than --valid-from")
     try:
@@ -706,8 +704,8 @@ def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
     from ingestd.audit import Auditor, Finding  # noqa: PLC0415 - only `audit` needs it
     from ingestd.verifier import VerifierPool  # noqa: PLC0415
 
-    if args.meter is not None and not METER_ID.fullmatch(args.meter):
-        raise UsageError(f"--meter {args.meter!r} must match [A-Za-z0-9_-]{{1,64}}")
+    if args.meter is not None:
+        _check_meter_id("--meter", args.meter)
     if args.since and args.until and args.until <= args.since:
         raise UsageError("--to must be later than --from")
     first = True
@@ -851,8 +849,7 @@ def _cmd_billing(config: Config, args: argparse.Namespace) -> int:  # noqa: PLR0
 def _billing_evidence(config: Config, args: argparse.Namespace) -> int:
     from ingestd import evidence  # noqa: PLC0415 - only `billing evidence` needs it
 
-    if not METER_ID.fullmatch(args.meter):
-        raise UsageError(f"--meter {args.meter!r} must match [A-Za-z0-9_-]{{1,64}}")
+    _check_meter_id("--meter", args.meter)
     evidence.period_bounds(args.period)
 
     out = Path(args.out)
@@ -894,6 +891,11 @@ _HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "audit": _cmd_audit,
     "billing": _cmd_billing,
 }
+
+
+def _check_meter_id(option: str, value: str) -> None:
+    if not METER_ID.fullmatch(value):
+        raise UsageError(f"{option} {value!r} must match [A-Za-z0-9_-]{{1,64}}")
 
 
 def _timestamp(text: str) -> datetime:
